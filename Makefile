@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` and `make test`. Each builds .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: on these machines 2.13.0 is a local CPU build, while an unpinned
+	# torch with none installed would pull several GB of CUDA packages.
+	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) benchmarks/bench_losses.py --shapes blip --repeats 5
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_losses.py --repeats 7 --markdown benchmarks/RESULTS.md
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

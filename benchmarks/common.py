@@ -1,0 +1,96 @@
+"""Timing and memory helpers shared by the benchmark scripts (never used by unit tests)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+
+def zipf_labels(shape: Sequence[int], vocab_size: int, *, exponent: float = 1.1, pad_fraction: float = 0.25,
+                seed: int = 0) -> torch.Tensor:
+    """Token ids with a Zipf law over a shuffled vocabulary, right-padded with -100.
+
+    Each row keeps a random length between (1 - pad_fraction)·N and N, like captions in a batch.
+    """
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.arange(1, vocab_size + 1, dtype=torch.float64)
+    probs = ranks.pow(-exponent)
+    flat = torch.multinomial(probs / probs.sum(), int(torch.tensor(shape).prod()), replacement=True, generator=g)
+    labels = torch.randperm(vocab_size, generator=g)[flat].reshape(*shape)
+    *lead, N = shape
+    lengths = torch.randint(int(N * (1 - pad_fraction)), N + 1, tuple(lead), generator=g)
+    labels[torch.arange(N).expand(*shape) >= lengths.unsqueeze(-1)] = -100
+    return labels
+
+
+def distinct_per_row(labels: torch.Tensor) -> float:
+    """Mean number of distinct supervised ids per row (the K of SMILE's support)."""
+    rows = labels.reshape(-1, labels.shape[-1])
+    return statistics.mean(len(set(r[r >= 0].tolist())) for r in rows)
+
+
+def median_ms(step: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+class PeakRSS:
+    """Resident-set high-water mark above the current resident set, from a reset point (Linux).
+
+    Writing 5 to /proc/self/clear_refs resets VmHWM, so transients from building the inputs
+    (which ``ru_maxrss`` would keep forever) do not hide the peak of the measured step.
+    """
+
+    def __enter__(self) -> "PeakRSS":
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.base = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.extra_bytes = (_status_kib("VmHWM") - self.base) * 1024
+
+
+def peak_extra_in_fresh_process(script: str, args: List[str]) -> Dict:
+    """Run ``script --measure-memory ARGS`` in a new interpreter; it prints one JSON line."""
+    out = subprocess.run([sys.executable, script, "--measure-memory", *args], check=True, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"Python {platform.python_version()}")
+
+
+def table(rows: List[Dict], columns: List[str]) -> str:
+    """A GitHub-markdown table (also readable in a terminal)."""
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
+    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])

@@ -1,0 +1,20 @@
+"""seqloss: train sequence generators with the right objective.
+
+Every loss is token-level cross-entropy over a per-position *support set* of vocabulary ids:
+MLE (all ids), SMILE (the ids of the row's own labels), random and reverse subsetting, selective
+EOS, explicit candidates, and weighted mixtures of them. See DESIGN §1 and ``seqloss.reference``.
+"""
+from .functional import (cross_entropy, objective_loss, random_subset_loss, reverse_subset_loss,
+                         selective_eos_loss, smile_loss, subset_cross_entropy)
+from .modules import (CrossEntropyLoss, ObjectiveLoss, RandomSubsetLoss, ReverseSubsetLoss, SelectiveEOSLoss,
+                      SmileLoss, SubsetCrossEntropyLoss)
+from .support import OBJECTIVES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cross_entropy", "smile_loss", "random_subset_loss", "reverse_subset_loss", "selective_eos_loss",
+    "subset_cross_entropy", "objective_loss",
+    "CrossEntropyLoss", "SmileLoss", "RandomSubsetLoss", "ReverseSubsetLoss", "SelectiveEOSLoss",
+    "SubsetCrossEntropyLoss", "ObjectiveLoss", "OBJECTIVES",
+]

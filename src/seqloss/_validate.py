@@ -1,0 +1,197 @@
+"""Every input check, once, before any branch.
+
+Errors name the argument: a ``TypeError`` for a wrong kind of thing, a ``ValueError`` for a wrong
+value. Checks never modify their inputs; the normalised values they return are new objects.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .support import OBJECTIVES
+
+REDUCTIONS = ("mean", "sum", "none", "sequence")
+IMPLS = ("auto", "reference", "torch", "triton")
+COMMON_DEFAULTS = dict(shift=False, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                       num_items_in_batch=None, impl="auto")
+
+
+@dataclass(frozen=True)
+class Common:
+    shift: bool
+    ignore_index: int
+    label_smoothing: float
+    reduction: str
+    num_items_in_batch: Optional[Union[int, Tensor]]
+    impl: str
+
+
+Member = Tuple[float, str, Dict[str, Any]]  # (weight, objective name, its options)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_common(options: Mapping[str, Any]) -> Common:
+    c = Common(**{**COMMON_DEFAULTS, **options})
+    if not isinstance(c.shift, bool):
+        raise TypeError(f"shift must be a bool, got {type(c.shift).__name__}")
+    if not _is_int(c.ignore_index):
+        raise TypeError(f"ignore_index must be an int, got {type(c.ignore_index).__name__}")
+    if not isinstance(c.label_smoothing, numbers.Real) or isinstance(c.label_smoothing, bool):
+        raise TypeError(f"label_smoothing must be a float, got {type(c.label_smoothing).__name__}")
+    if not 0.0 <= float(c.label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
+    if c.reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {c.reduction!r}")
+    if c.impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {c.impl!r}")
+    k = c.num_items_in_batch
+    if k is not None:
+        if isinstance(k, Tensor):
+            if k.numel() != 1 or k.is_floating_point() and not torch.isfinite(k).all():
+                raise ValueError("num_items_in_batch must be a single positive number")
+            value = k.item()
+        elif isinstance(k, numbers.Real) and not isinstance(k, bool):
+            value = k
+        else:
+            raise TypeError(f"num_items_in_batch must be an int or a tensor, got {type(k).__name__}")
+        if not value > 0:
+            raise ValueError(f"num_items_in_batch must be > 0, got {value}")
+    return c
+
+
+def check_logits(logits: Any, name: str = "logits") -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name} must be floating point (fp32, bf16 or fp16), got {logits.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., N, V), got {tuple(logits.shape)}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have a vocabulary dimension V >= 1, got {tuple(logits.shape)}")
+
+
+def check_labels(labels: Any, expected_shape: Sequence[int], vocab_size: int, ignore_index: int,
+                 against: str = "logits") -> None:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer ids (torch.long), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(expected_shape):
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match {against}: expected "
+                         f"{tuple(expected_shape)}")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        value = int(labels[bad].flatten()[0])
+        raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; found {value}")
+
+
+def check_ids(ids: Any, name: str, vocab_size: int) -> Tuple[int, ...]:
+    """An id or a sequence of ids, each in [0, V)."""
+    values = ids.tolist() if isinstance(ids, Tensor) else ids
+    values = [values] if _is_int(values) else list(values)
+    for value in values:
+        if not _is_int(value):
+            raise TypeError(f"{name} must hold ints, got {type(value).__name__}")
+        if not 0 <= value < vocab_size:
+            raise ValueError(f"{name} must be in [0, {vocab_size}), got {value}")
+    return tuple(int(v) for v in values)
+
+
+def _check_candidates(value: Any, name: str, lead: Tuple[int, ...], N: int, vocab_size: int,
+                      per_position: bool) -> Tensor:
+    """include/exclude id lists: (..., K) per row, or (..., N, K) per label position; < 0 = padding."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of ids, got {type(value).__name__}")
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer ids, got {value.dtype}")
+    shapes = [lead + (value.shape[-1],)] if value.dim() else []
+    if per_position and value.dim():
+        shapes.append(lead + (N, value.shape[-1]))
+    if tuple(value.shape) not in [tuple(s) for s in shapes]:
+        want = "(..., K) per row" + (" or (..., N, K) per label position" if per_position else "")
+        raise ValueError(f"{name} must have shape {want} with the labels' leading shape {lead}, "
+                         f"got {tuple(value.shape)}")
+    if bool((value >= vocab_size).any()):
+        raise ValueError(f"{name} ids must be < {vocab_size} (negative entries are padding), "
+                         f"found {int(value.max())}")
+    B = math.prod(lead)
+    return value.reshape(B, -1) if value.dim() == len(lead) + 1 else value.reshape(B, N, -1)
+
+
+def check_objective(objective: Any) -> List[Tuple[float, str]]:
+    """A name or a mapping name → non-negative weight, as [(weight, name)]."""
+    if isinstance(objective, str):
+        members = {objective: 1.0}
+    elif isinstance(objective, Mapping):
+        members = dict(objective)
+        if not members:
+            raise ValueError("objective mixture must name at least one objective")
+    else:
+        raise TypeError(f"objective must be a name or a mapping name -> weight, got {type(objective).__name__}")
+    out = []
+    for name, weight in members.items():
+        if name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
+        if not isinstance(weight, numbers.Real) or isinstance(weight, bool):
+            raise TypeError(f"objective weight for {name!r} must be a number, got {type(weight).__name__}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"objective weight for {name!r} must be finite and >= 0, got {weight}")
+        out.append((float(weight), name))
+    return out
+
+
+def check_member_options(name: str, options: Dict[str, Any], vocab_size: int, lead: Tuple[int, ...],
+                         N: int) -> Dict[str, Any]:
+    """The options of one objective, checked and normalised (ids as tuples, tensors flattened to B)."""
+    out = dict(options)
+    if "first_token_mle" in out and not isinstance(out["first_token_mle"], bool):
+        raise TypeError("first_token_mle must be a bool")
+    if "exclude_ids" in out:
+        out["exclude_ids"] = check_ids(out["exclude_ids"], "exclude_ids", vocab_size)
+    if "num_samples" in out:
+        if not _is_int(out["num_samples"]):
+            raise TypeError(f"num_samples must be an int, got {type(out['num_samples']).__name__}")
+        if out["num_samples"] < 1:
+            raise ValueError(f"num_samples must be >= 1, got {out['num_samples']}")
+    if out.get("generator") is not None and not isinstance(out["generator"], torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(out['generator']).__name__}")
+    if name == "selective_eos":
+        if out.get("eos_token_id") is None:
+            raise TypeError("selective_eos needs eos_token_id")
+        if not _is_int(out["eos_token_id"]):
+            raise TypeError(f"eos_token_id must be an int, got {type(out['eos_token_id']).__name__}")
+        check_ids(out["eos_token_id"], "eos_token_id", vocab_size)
+    if name == "subset":
+        include, exclude = out.get("include"), out.get("exclude")
+        if (include is None) == (exclude is None):
+            raise ValueError("subset_cross_entropy needs exactly one of include= or exclude=")
+        if include is not None:
+            out["include"] = _check_candidates(include, "include", lead, N, vocab_size, per_position=True)
+        else:
+            out["exclude"] = _check_candidates(exclude, "exclude", lead, N, vocab_size, per_position=False)
+    return out
+
+
+def route_options(objectives: List[Tuple[float, str]], options: Dict[str, Any], vocab_size: int,
+                  lead: Tuple[int, ...], N: int) -> List[Member]:
+    """Give each member of a mixture the options it accepts; an option nobody accepts is an error."""
+    unused = set(options)
+    members = []
+    for weight, name in objectives:
+        accepted = OBJECTIVES[name].options
+        mine = {k: v for k, v in options.items() if k in accepted}
+        unused -= set(mine)
+        members.append((weight, name, check_member_options(name, mine, vocab_size, lead, N)))
+    if unused:
+        names = ", ".join(sorted(unused))
+        raise TypeError(f"unexpected keyword argument(s) {names} for objective "
+                        f"{'+'.join(n for _, n in objectives)}")
+    return members
