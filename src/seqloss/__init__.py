@@ -6,6 +6,7 @@ EOS, explicit candidates, and weighted mixtures of them. See DESIGN §1 and ``se
 """
 from .functional import (cross_entropy, objective_loss, random_subset_loss, reverse_subset_loss,
                          selective_eos_loss, smile_loss, subset_cross_entropy)
+from .linear import linear_loss
 from .modules import (CrossEntropyLoss, ObjectiveLoss, RandomSubsetLoss, ReverseSubsetLoss, SelectiveEOSLoss,
                       SmileLoss, SubsetCrossEntropyLoss)
 from .support import OBJECTIVES
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "cross_entropy", "smile_loss", "random_subset_loss", "reverse_subset_loss", "selective_eos_loss",
-    "subset_cross_entropy", "objective_loss",
+    "subset_cross_entropy", "objective_loss", "linear_loss",
     "CrossEntropyLoss", "SmileLoss", "RandomSubsetLoss", "ReverseSubsetLoss", "SelectiveEOSLoss",
     "SubsetCrossEntropyLoss", "ObjectiveLoss", "OBJECTIVES",
 ]

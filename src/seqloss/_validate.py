@@ -78,6 +78,29 @@ def check_logits(logits: Any, name: str = "logits") -> None:
         raise ValueError(f"{name} must have a vocabulary dimension V >= 1, got {tuple(logits.shape)}")
 
 
+def check_linear(hidden: Any, weight: Any, bias: Any) -> None:
+    """The fused head: hidden (..., N, H), weight (V, H), bias (V,) or None, one float dtype."""
+    check_logits(hidden, "hidden")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, H), got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight width {weight.shape[1]} does not match hidden width {hidden.shape[-1]}: "
+                         f"weight must be (V, H) like nn.Linear / lm_head.weight")
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+
+
 def check_labels(labels: Any, expected_shape: Sequence[int], vocab_size: int, ignore_index: int,
                  against: str = "logits") -> None:
     if not isinstance(labels, Tensor):
@@ -123,7 +146,8 @@ def _check_candidates(value: Any, name: str, lead: Tuple[int, ...], N: int, voca
         raise ValueError(f"{name} ids must be < {vocab_size} (negative entries are padding), "
                          f"found {int(value.max())}")
     B = math.prod(lead)
-    return value.reshape(B, -1) if value.dim() == len(lead) + 1 else value.reshape(B, N, -1)
+    K = value.shape[-1]
+    return value.reshape(B, K) if value.dim() == len(lead) + 1 else value.reshape(B, N, K)
 
 
 def check_objective(objective: Any) -> List[Tuple[float, str]]:

@@ -16,7 +16,6 @@ Losses are fp32 whatever the logits' dtype; gradients come back in the logits' d
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -41,13 +40,7 @@ def objective_loss(logits: Tensor, labels: Tensor, objective: Objective = "mle",
     check_labels(labels, (*lead, N), V, common.ignore_index)
     members = route_options(check_objective(objective),
                             {k: v for k, v in options.items() if k not in COMMON_DEFAULTS}, V, lead, N)
-    B = math.prod(lead)
-    out = dispatch(logits.reshape(B, N, V), labels.reshape(B, N), members, common)
-    if common.reduction == "none":
-        return out.reshape(*lead, N)
-    if common.reduction == "sequence":
-        return out.reshape(lead)
-    return out
+    return dispatch(logits, labels, members, common)
 
 
 def cross_entropy(logits: Tensor, labels: Tensor, **common: Any) -> Tensor:

@@ -26,6 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._validate import Common, Member
+from .rows import candidates, full_rows, list_rows
 from .support import OBJECTIVES, FullSupport, Targets, shift_labels
 
 # Positions per chunk of the full-vocabulary pass: about this many logits, so that a chunk's fp32
@@ -97,34 +98,12 @@ def _full_part(logits: Tensor, plan: Plan, alpha: float, exclude: Optional[Tenso
             z = logits[b, n].float()
         y = plan.labels[b, n].unsqueeze(1)                             # (C, 1)
         on = positions[b, n].unsqueeze(1)                              # (C, 1)
-        z_y = z.gather(1, y)                                           # (C, 1)
-        size = torch.full_like(z_y, V)
-        if exclude is not None:
-            ex = exclude[b, n if exclude.shape[1] > 1 else 0]          # (C, K)
-            drop = (ex >= 0) & (ex != y)
-            ex = torch.where(drop, ex, y)                              # padding → the label, restored below
-            size = size - drop.sum(1, keepdim=True)
-        if eps:
-            z_sum = z.sum(1, keepdim=True)
-            if exclude is not None:
-                z_sum = z_sum - (z.gather(1, ex) * drop).sum(1, keepdim=True)
-        if exclude is not None:
-            z.scatter_(1, ex, float("-inf")).scatter_(1, y, z_y)
-        m = z.amax(1, keepdim=True)
-        s = z.sub_(m).exp_().sum(1, keepdim=True)                       # z now holds exp(z - m)
-        lse = m + s.log()
-        tok = lse - z_y if not eps else lse - (1 - eps) * z_y - eps * z_sum / size
+        ex = None if exclude is None else exclude[b, n if exclude.shape[1] > 1 else 0]  # (C, K)
+        w = None if grad is None else alpha * plan.coef[b, n].unsqueeze(1) * on
+        tok = full_rows(z, y, ex, eps, w)
         loss.view(-1).index_add_(0, idx, alpha * torch.where(on, tok, 0.0).squeeze(1))
         if grad is None:
             continue
-        w = alpha * plan.coef[b, n].unsqueeze(1) * on                  # (C, 1)
-        z.mul_(w / s)                                                  # p · w
-        if eps:
-            z.sub_(w * eps / size)
-            if exclude is not None:
-                g_y = z.gather(1, y)
-                z.scatter_(1, ex, 0.0).scatter_(1, y, g_y)
-        z.scatter_add_(1, y, -w * (1 - eps))
         if not dense:
             grad.rows().index_add_(0, idx, z.to(grad.tensor.dtype))
         elif grad.fresh:
@@ -140,34 +119,13 @@ def _list_part(logits: Tensor, plan: Plan, alpha: float, ids: Tensor, positions:
                loss: Tensor, grad: Optional[_GradBuffer]) -> None:
     """Positions whose support is the label plus ``ids`` (B, 1 or N, K): gather, never O(V)."""
     B, N, V = logits.shape
-    eps = plan.label_smoothing
-    K = ids.shape[-1]
     y = plan.labels.unsqueeze(-1)                                      # (B, N, 1)
-    ids = ids.expand(B, N, K)
-    cand = torch.cat([ids.clamp(min=0), y], dim=-1)                    # (B, N, K+1), label last
-    valid = torch.cat([(ids >= 0) & (ids != y), torch.ones_like(y, dtype=torch.bool)], dim=-1)
-    valid &= positions.unsqueeze(-1)
-    z = logits.gather(2, cand).float().masked_fill(~valid, float("-inf"))  # (B, N, K+1)
-    m = z.amax(-1, keepdim=True).nan_to_num(neginf=0.0)                # rows with nothing valid → 0
-    e = (z - m).exp()                                                   # 0 where invalid
-    s = e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    lse = m + s.log()
-    z_y = z[..., K:]
-    if eps:
-        size = valid.sum(-1, keepdim=True).clamp_min(1)
-        z_sum = z.masked_fill(~valid, 0.0).sum(-1, keepdim=True)
-        tok = lse - (1 - eps) * z_y - eps * z_sum / size
-    else:
-        tok = lse - z_y
-    loss.add_(alpha * torch.where(positions, tok.squeeze(-1), 0.0))
-    if grad is None:
-        return
-    w = (alpha * plan.coef * positions).unsqueeze(-1)                  # (B, N, 1)
-    g = e * (w / s)
-    if eps:
-        g = g - (w * eps / size) * valid
-    g[..., K:] -= w * (1 - eps)
-    grad.tensor.scatter_add_(2, cand, g.to(grad.tensor.dtype))
+    cand, valid = candidates(ids.expand(B, N, ids.shape[-1]), y, positions)  # (B, N, K+1)
+    w = None if grad is None else alpha * plan.coef.unsqueeze(-1)
+    tok, g = list_rows(logits.gather(2, cand).float(), valid, plan.label_smoothing, w)
+    loss.add_(alpha * tok.squeeze(-1))
+    if g is not None:
+        grad.tensor.scatter_add_(2, cand, g.to(grad.tensor.dtype))
 
 
 def engine_forward(logits: Tensor, plan: Plan, need_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
@@ -240,21 +198,41 @@ def resolve_impl(impl: str, logits: Tensor) -> str:
     return "torch" if impl == "auto" else impl
 
 
-def dispatch(logits: Tensor, labels: Tensor, members: List[Member], c: Common) -> Tensor:
-    """logits (B, N, V), labels (B, N) unshifted, validated → the reduced loss."""
-    B, N, V = logits.shape
+def targets_of(labels: Tensor, c: Common, vocab_size: int) -> Targets:
+    """Unshifted labels (B, N) → the shifted targets every support rule reads."""
     shifted = shift_labels(labels.long(), c.shift, c.ignore_index)
-    target_mask = shifted != c.ignore_index
-    targets = Targets(shifted, target_mask, V, c.shift)
-    coef = position_weights(target_mask, c)
-    impl = resolve_impl(c.impl, logits)
-    if impl == "reference":
-        tok = reference.objective_token_losses(logits, targets, members, c.label_smoothing)
-        out = (tok * coef).sum() if c.reduction in ("mean", "sum") else tok
+    return Targets(shifted, shifted != c.ignore_index, vocab_size, c.shift)
+
+
+def plan_of(targets: Targets, members: List[Member], c: Common) -> Plan:
+    """The support rules of the members (random draws happen here) and the position weights."""
+    supports = [(w, OBJECTIVES[name].build(targets, **opts)) for w, name, opts in members]
+    safe = torch.where(targets.target_mask, targets.labels, 0)
+    return Plan(safe, targets.target_mask, position_weights(targets.target_mask, c), supports,
+                float(c.label_smoothing), scalar=c.reduction in ("mean", "sum"))
+
+
+def reference_loss(logits: Tensor, targets: Targets, members: List[Member], c: Common) -> Tensor:
+    """The dense spec, reduced like the efficient path (per-position losses or Σ weight·loss)."""
+    tok = reference.objective_token_losses(logits, targets, members, c.label_smoothing)
+    return (tok * position_weights(targets.target_mask, c)).sum() if c.reduction in ("mean", "sum") else tok
+
+
+def finish(out: Tensor, c: Common, lead: Tuple[int, ...], N: int) -> Tensor:
+    """Engine output → the caller's shape: scalar, (..., N) for "none", (...) for "sequence"."""
+    if c.reduction == "none":
+        return out.reshape(*lead, N)
+    return out.sum(-1).reshape(lead) if c.reduction == "sequence" else out
+
+
+def dispatch(logits: Tensor, labels: Tensor, members: List[Member], c: Common) -> Tensor:
+    """logits (..., N, V), labels (..., N) unshifted, validated → the reduced loss."""
+    *lead, N, V = logits.shape
+    B = math.prod(lead)
+    targets = targets_of(labels.reshape(B, N), c, V)
+    logits = logits.reshape(B, N, V)
+    if resolve_impl(c.impl, logits) == "reference":
+        out = reference_loss(logits, targets, members, c)
     else:
-        supports = [(w, OBJECTIVES[name].build(targets, **opts)) for w, name, opts in members]
-        safe = torch.where(target_mask, shifted, 0)
-        plan = Plan(safe, target_mask, coef, supports, float(c.label_smoothing),
-                    scalar=c.reduction in ("mean", "sum"))
-        out = SupportCrossEntropy.apply(logits, plan)
-    return out.sum(-1) if c.reduction == "sequence" else out
+        out = SupportCrossEntropy.apply(logits, plan_of(targets, members, c))
+    return finish(out, c, tuple(lead), N)

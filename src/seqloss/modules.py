@@ -73,3 +73,6 @@ class ObjectiveLoss(_ObjectiveModule):
     def __init__(self, objective: Any = "mle", **options: Any) -> None:
         super().__init__(**options)
         self.objective = objective
+
+    def extra_repr(self) -> str:
+        return ", ".join([repr(self.objective), super().extra_repr()]).rstrip(", ")

@@ -1,0 +1,217 @@
+"""The fused LM head: every objective from hidden states and the head weight, without (B, N, V) logits.
+
+``linear_loss(hidden, weight, labels)`` equals ``objective_loss(hidden @ weight.T + bias, labels)``.
+
+* List supports (SMILE, random subsetting, ``subset(include=)``) need only K columns of the head:
+  the rows ``weight[ids]`` are gathered per group of positions sharing a list (a row of the batch,
+  or a single position) and multiplied in a batched matmul — K/V of the FLOPs and memory. The
+  weight gradient is scattered back with ``index_add_``.
+* Full supports (MLE, reverse subsets, selective EOS, ``exclude``, SMILE's first token) run over
+  chunks of positions: chunk logits ``h_c @ W.T``, the shared per-row math of ``rows.py``, then the
+  gradients ``G @ W`` and ``G.T @ h_c`` in the same loop (6·N·H·V FLOPs, no recomputation).
+
+With ``reduction="mean"`` or ``"sum"`` the gradients are computed in the forward pass and backward
+only scales them. With ``"none"``/``"sequence"`` the per-position weights are known only in
+backward, so backward recomputes (8·N·H·V FLOPs). Weight and bias gradients accumulate in fp32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._validate import COMMON_DEFAULTS, check_common, check_labels, check_linear, check_objective, route_options
+from .losses import Plan, finish, plan_of, reference_loss, resolve_impl, targets_of
+from .rows import candidates, full_rows, list_rows
+from .support import FullSupport
+
+# Positions per chunk of the full-vocabulary pass: about this many logits, but never fewer than
+# MIN_CHUNK_POSITIONS positions, so that the chunk matmuls stay efficient.
+FUSED_CHUNK_ELEMENTS = 1 << 23
+MIN_CHUNK_POSITIONS = 256
+# Gathered head rows per block of the list pass (groups × K × H elements).
+LIST_BLOCK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class _Grads:
+    """fp32 accumulators of the three gradients (None where no gradient is wanted)."""
+
+    hidden: Optional[Tensor]
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+
+
+def _full_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, alpha: float,
+               exclude: Optional[Tensor], positions: Tensor, w_all: Optional[Tensor], loss: Tensor,
+               grads: _Grads) -> None:
+    """Positions whose support is every id but ``exclude``: chunked logits, loss and gradients."""
+    B, N, H = hidden.shape
+    V = weight.shape[0]
+    flat = positions.flatten().nonzero().squeeze(1)
+    chunk = max(MIN_CHUNK_POSITIONS, FUSED_CHUNK_ELEMENTS // V)
+    h_all = hidden.reshape(B * N, H)
+    for start in range(0, flat.numel(), chunk):
+        idx = flat[start:start + chunk]
+        b, n = idx // N, idx % N
+        h = h_all[idx]                                                 # (C, H)
+        z = (torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()).float()  # (C, V)
+        y = plan.labels[b, n].unsqueeze(1)
+        ex = None if exclude is None else exclude[b, n if exclude.shape[1] > 1 else 0]
+        w = None if w_all is None else alpha * w_all[b, n].unsqueeze(1)
+        tok = full_rows(z, y, ex, plan.label_smoothing, w)             # z becomes dloss/dlogits
+        loss.view(-1).index_add_(0, idx, alpha * tok.squeeze(1))
+        if w is None:
+            continue
+        g = z.to(weight.dtype)
+        if grads.hidden is not None:
+            grads.hidden.index_add_(0, idx, (g @ weight).float())
+        if grads.weight is not None:
+            if g.dtype == torch.float32:
+                grads.weight.addmm_(g.t(), h)
+            else:
+                grads.weight.add_((g.t() @ h).float())
+        if grads.bias is not None:
+            grads.bias.add_(z.sum(0))
+
+
+def _groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor, w_all: Optional[Tensor]):
+    """Positions grouped by the list they share: rows of the batch for (B, 1, K) lists, single
+    positions for (B, N, K) lists → ids (G, K), hidden (G, M, H), labels (G, M, 1), positions
+    and weights (G, M), flat position index (G, M)."""
+    B, N, H = hidden.shape
+    index = torch.arange(B * N, device=hidden.device).reshape(B, N)
+    if ids.shape[1] == 1:
+        parts = (ids[:, 0], hidden, plan.labels.unsqueeze(-1), positions, w_all, index)
+    else:
+        parts = (ids.reshape(B * N, -1), hidden.reshape(B * N, 1, H), plan.labels.reshape(B * N, 1, 1),
+                 positions.reshape(B * N, 1), None if w_all is None else w_all.reshape(B * N, 1),
+                 index.reshape(B * N, 1))
+    return parts
+
+
+def _list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, alpha: float, ids: Tensor,
+               positions: Tensor, w_all: Optional[Tensor], loss: Tensor, grads: _Grads) -> None:
+    """Positions whose support is the label plus ``ids``: gathered head rows, batched matmuls."""
+    H = hidden.shape[-1]
+    ids_g, h_g, y_g, pos_g, w_g, index_g = _groups(ids, hidden, plan, positions, w_all)
+    G, K = ids_g.shape
+    M = h_g.shape[1]
+    block = max(1, LIST_BLOCK_ELEMENTS // max(1, (K + M) * H))
+    for s in range(0, G, block):
+        sl = slice(s, s + block)
+        h, y, on, flat = h_g[sl], y_g[sl], pos_g[sl], index_g[sl]      # (g, M, H), (g, M, 1), (g, M)
+        cand, valid = candidates(ids_g[sl].unsqueeze(1).expand(-1, M, -1), y, on)  # (g, M, K+1)
+        w_rows = weight[ids_g[sl].clamp(min=0)]                          # (g, K, H)
+        w_y = weight[y.squeeze(-1)]                                     # (g, M, H)
+        z = torch.cat([torch.bmm(h, w_rows.transpose(1, 2)), (h * w_y).sum(-1, keepdim=True)], dim=-1)
+        if bias is not None:
+            z = z + bias[cand]
+        w = None if w_g is None else alpha * w_g[sl].unsqueeze(-1)
+        tok, g = list_rows(z.float(), valid, plan.label_smoothing, w)    # (g, M, 1), (g, M, K+1)
+        loss.view(-1).index_add_(0, flat.flatten(), alpha * tok.flatten())
+        if g is None:
+            continue
+        g_list, g_y = g[..., :K].to(weight.dtype), g[..., K:].to(weight.dtype)
+        if grads.hidden is not None:
+            dh = torch.bmm(g_list, w_rows) + g_y * w_y                 # (g, M, H)
+            grads.hidden.index_add_(0, flat.flatten(), dh.reshape(-1, H).float())
+        if grads.weight is not None:
+            dw_rows = torch.bmm(g_list.transpose(1, 2), h)              # (g, K, H)
+            grads.weight.index_add_(0, ids_g[sl].clamp(min=0).flatten(), dw_rows.reshape(-1, H).float())
+            grads.weight.index_add_(0, y.flatten(), (g_y * h).reshape(-1, H).float())
+        if grads.bias is not None:
+            grads.bias.index_add_(0, cand.flatten(), g.flatten())
+
+
+def linear_engine(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, w_all: Optional[Tensor],
+                  need: Tuple[bool, bool, bool]) -> Tuple[Tensor, _Grads]:
+    """Per-position losses (B, N) and, when ``w_all`` (B, N) is given, the gradients of Σ w·loss."""
+    B, N, H = hidden.shape
+    V = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    want = w_all is not None
+    grads = _Grads(torch.zeros(B * N, H, **f32) if want and need[0] else None,
+                   torch.zeros(V, H, **f32) if want and need[1] else None,
+                   torch.zeros(V, **f32) if want and need[2] else None)
+    loss = torch.zeros(B, N, **f32)
+    for alpha, support in plan.members:
+        if alpha == 0:
+            continue
+        if isinstance(support, FullSupport):
+            _full_part(hidden, weight, bias, plan, alpha, support.exclude, plan.target_mask, w_all, loss, grads)
+            continue
+        list_positions = plan.target_mask
+        if support.full_positions is not None:
+            full_positions = support.full_positions & plan.target_mask
+            list_positions = plan.target_mask & ~full_positions
+            _full_part(hidden, weight, bias, plan, alpha, None, full_positions, w_all, loss, grads)
+        _list_part(hidden, weight, bias, plan, alpha, support.ids, list_positions, w_all, loss, grads)
+    return loss, grads
+
+
+class LinearSupportCrossEntropy(torch.autograd.Function):
+    """Fused head + support cross-entropy. Scalar outputs: gradients made in forward; per-position
+    outputs: gradients recomputed in backward with the incoming weights."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan) -> Tensor:
+        need = tuple(ctx.needs_input_grad[:3])
+        eager = plan.scalar and any(need)
+        loss, grads = linear_engine(hidden, weight, bias, plan, plan.coef if eager else None, need)
+        ctx.plan, ctx.need = plan, need
+        ctx.grads = grads if eager else None
+        ctx.save_for_backward(hidden, weight, bias)
+        return (loss * plan.coef).sum() if plan.scalar else loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        hidden, weight, bias = ctx.saved_tensors
+        if ctx.plan.scalar:
+            grads, ctx.grads = ctx.grads, None
+            if grads is None:
+                raise RuntimeError("seqloss: backward ran twice through the same linear_loss; recompute the "
+                                   "loss instead of retain_graph=True")
+            scale = grad_output.float()
+        else:
+            _, grads = linear_engine(hidden, weight, bias, ctx.plan, ctx.plan.coef * grad_output.float(), ctx.need)
+            scale = None
+        out = []
+        for g, like in ((grads.hidden, hidden), (grads.weight, weight), (grads.bias, bias)):
+            if g is None:
+                out.append(None)
+                continue
+            g = g.view_as(like)
+            out.append((g * scale if scale is not None else g).to(like.dtype))
+        return (*out, None)
+
+
+def linear_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                objective: Any = "mle", **options: Any) -> Tensor:
+    """Any objective on ``hidden @ weight.T + bias`` without materialising those logits.
+
+    ``hidden`` (..., N, H), ``weight`` (V, H) (``nn.Linear`` / ``lm_head.weight`` layout), ``bias``
+    (V,) or None, ``labels`` (..., N) unshifted. Takes every option of :func:`seqloss.objective_loss`;
+    ``impl="reference"`` builds the logits and runs the dense spec.
+    """
+    common = check_common({k: v for k, v in options.items() if k in COMMON_DEFAULTS})
+    check_linear(hidden, weight, bias)
+    *lead, N, H = hidden.shape
+    lead = tuple(lead)
+    V = weight.shape[0]
+    check_labels(labels, (*lead, N), V, common.ignore_index, against="hidden")
+    members = route_options(check_objective(objective),
+                            {k: v for k, v in options.items() if k not in COMMON_DEFAULTS}, V, lead, N)
+    B = math.prod(lead)
+    hidden3, labels2 = hidden.reshape(B, N, H), labels.reshape(B, N)
+    targets = targets_of(labels2, common, V)
+    if resolve_impl(common.impl, hidden) == "reference":
+        out = reference_loss(torch.nn.functional.linear(hidden3, weight, bias), targets, members, common)
+    else:
+        out = LinearSupportCrossEntropy.apply(hidden3, weight, bias, plan_of(targets, members, common))
+    return finish(out, common, lead, N)
