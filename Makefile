@@ -7,12 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench clean
 
+# torch first, pinned: on these machines 2.13.0 is a local CPU build, while an unpinned torch with
+# none installed would pull several GB of CUDA packages. Then the package, which torch>=2.4 satisfies.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch first, pinned: on these machines 2.13.0 is a local CPU build, while an unpinned
-	# torch with none installed would pull several GB of CUDA packages.
 	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev,hf]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,8 +21,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The full tables behind benchmarks/RESULTS.md (several minutes on 2 cores).
 bench: $(STAMP)
-	$(PY) benchmarks/bench_losses.py --repeats 7 --markdown benchmarks/RESULTS.md
+	$(PY) benchmarks/bench_losses.py --repeats 7
+	$(PY) benchmarks/bench_linear.py --repeats 3
+	$(PY) benchmarks/bench_masking.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -11,7 +11,6 @@ forward+backward in a fresh process over the inputs (it includes the gradients o
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Callable, Dict
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import seqloss
-from common import PeakRSS, distinct_per_row, machine, median_ms, peak_extra_in_fresh_process, table, zipf_labels
+from common import PeakRSS, distinct_per_row, machine, median_ms, parser, peak_extra_in_fresh_process, publish, zipf_labels
 
 B, N, H = 4, 512, 768
 EOS = 2  # a frequent id under the Zipf labels, standing in for the end-of-text token
@@ -97,13 +96,7 @@ def run(V: int, repeats: int, only):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", default="32000,50257")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="", help="comma-separated objective prefixes to run")
-    parser.add_argument("--markdown", help="also write the table to this file")
-    parser.add_argument("--measure-memory", nargs=2, metavar=("PROVIDER", "VOCAB"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser(__doc__, "--vocab", "32000,50257", repeats=3).parse_args(argv)
     if args.measure_memory:
         return measure_memory(*args.measure_memory)
     only = [o for o in args.only.split(",") if o]
@@ -112,14 +105,9 @@ def main(argv=None) -> None:
         vocab_rows, k = run(V, args.repeats, only)
         rows += vocab_rows
         notes.append(f"V={V}: {k:.0f} distinct label ids per row (K)")
-    text = table(rows, list(rows[0]))
-    header = (f"Machine: {machine()}. B={B}, N={N}, H={H}, fp32, Zipf labels; median of {args.repeats} runs of "
-              f"forward+backward (gradients for hidden and weight); peak extra memory in a fresh process. "
-              + "; ".join(notes) + ".")
-    print(header + "\n\n" + text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(header + "\n\n" + text + "\n")
+    publish(f"Machine: {machine()}. B={B}, N={N}, H={H}, fp32, Zipf labels; median of {args.repeats} runs of "
+            f"forward+backward (gradients for hidden and weight); peak extra memory in a fresh process. "
+            + "; ".join(notes) + ".", rows, args.markdown)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ logits). Ratios are measured in the same run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Callable, Dict
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import seqloss
-from common import PeakRSS, distinct_per_row, machine, median_ms, peak_extra_in_fresh_process, table, zipf_labels
+from common import PeakRSS, distinct_per_row, machine, median_ms, parser, peak_extra_in_fresh_process, publish, zipf_labels
 
 SHAPES = {"blip": (32, 40, 30524), "llm": (8, 128, 32000)}  # (B, N, V): BLIP captioning, a small LLM batch
 EOS = 102  # BERT's [SEP], BLIP's end of caption
@@ -137,13 +136,7 @@ def run(shape_key: str, repeats: int, only=None):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="blip,llm", help="comma-separated keys of " + ", ".join(SHAPES))
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--only", default="", help="comma-separated objective prefixes to run")
-    parser.add_argument("--markdown", help="also write the table to this file")
-    parser.add_argument("--measure-memory", nargs=2, metavar=("PROVIDER", "SHAPE"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser(__doc__, "--shapes", "blip,llm", repeats=7).parse_args(argv)
     if args.measure_memory:
         return measure_memory(*args.measure_memory)
     only = [o for o in args.only.split(",") if o]
@@ -152,15 +145,9 @@ def main(argv=None) -> None:
         shape_rows, k = run(key, args.repeats, only)
         rows += shape_rows
         notes.append(f"{key} {SHAPES[key]}: Zipf labels, {k:.0f} distinct ids per row on average")
-    columns = list(rows[0])
-    text = table(rows, columns)
-    header = (f"Machine: {machine()}. Median of {args.repeats} runs of forward+backward, fp32 logits; "
-              f"peak extra memory in a fresh process as a multiple of the logits' size (the logits' "
-              f"gradient alone is 1.00). " + "; ".join(notes) + ".")
-    print(header + "\n\n" + text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(header + "\n\n" + text + "\n")
+    publish(f"Machine: {machine()}. Median of {args.repeats} runs of forward+backward, fp32 logits; peak extra "
+            f"memory in a fresh process as a multiple of the logits' size (the logits' gradient alone is "
+            f"1.00). " + "; ".join(notes) + ".", rows, args.markdown)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Timing and memory helpers shared by the benchmark scripts (never used by unit tests)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -94,3 +95,23 @@ def table(rows: List[Dict], columns: List[str]) -> str:
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
     return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
+
+
+def parser(doc: str, cases_flag: str, cases_default: str, repeats: int) -> argparse.ArgumentParser:
+    """The command line every benchmark script shares; ``cases_flag`` names its list of cases."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(cases_flag, default=cases_default, help="comma-separated cases (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--only", default="", help="comma-separated objective prefixes to run")
+    p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument("--measure-memory", nargs=2, metavar=("PROVIDER", "CASE"), help=argparse.SUPPRESS)
+    return p
+
+
+def publish(header: str, rows: List[Dict], markdown: str = None) -> None:
+    """Print the table under its header and, if asked, write both to a markdown file."""
+    text = header + "\n\n" + table(rows, list(rows[0]))
+    print(text)
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write(text + "\n")

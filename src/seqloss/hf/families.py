@@ -1,0 +1,56 @@
+"""Model families and their label conventions.
+
+| family | how the loss is reached | labels |
+|---|---|---|
+| causal LM (GPT-2, Llama, LLaVA-style: any decoder-only model whose forward calls ``self.loss_function``) | ``model.loss_function`` | unshifted; shift inside (``shift=True``) |
+| seq2seq (T5, BART: ``config.is_encoder_decoder`` with ``prepare_decoder_input_ids_from_labels``) | ``model.forward`` wrapped | pre-aligned with the decoder outputs (``shift=False``) |
+| BLIP captioner (``BlipForConditionalGeneration``) | ``model.text_decoder.forward`` wrapped | unshifted; shift inside; the decoder's own ``label_smoothing`` (``text_config.label_smoothing``; the original BLIP trains with 0.1) unless the call overrides it; ``reduction="mean"`` as BLIP passes it, ``"none"`` → per-caption sums |
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+CAUSAL, SEQ2SEQ, BLIP = "causal", "seq2seq", "blip"
+
+# Config attributes that transform the LM head's output: the fused path (hidden @ W.T) would differ.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _calls_loss_function(cls: type) -> bool:
+    """Whether the class's forward computes its loss through ``self.loss_function``."""
+    try:
+        return "self.loss_function(" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def family_of(model: Any) -> str:
+    """The family whose convention ``patch`` follows for this model, or a TypeError naming its class."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if name == "BlipForConditionalGeneration" and hasattr(model, "text_decoder"):
+        return BLIP
+    if getattr(config, "is_encoder_decoder", False) and hasattr(model, "prepare_decoder_input_ids_from_labels"):
+        return SEQ2SEQ
+    if not getattr(config, "is_encoder_decoder", False) and _calls_loss_function(type(model)):
+        return CAUSAL
+    raise TypeError(f"seqloss.hf.patch does not know how {name} computes its loss: supported are decoder-only "
+                    f"models whose forward calls self.loss_function (GPT-2, Llama, LLaVA-style, ...), "
+                    f"encoder-decoder *ForConditionalGeneration models (T5, BART) and "
+                    f"BlipForConditionalGeneration")
+
+
+def check_fusable(model: Any, family: str) -> None:
+    """fused=True needs logits = hidden @ lm_head.weight.T (+ bias), nothing after the head."""
+    name = type(model).__name__
+    if family != CAUSAL:
+        raise ValueError(f"fused=True is for causal LMs; {name} is a {family} model (use fused=False)")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight") or getattr(head.weight, "dim", lambda: 0)() != 2:
+        raise ValueError(f"fused=True needs a linear LM head; {name}.get_output_embeddings() is {head!r}")
+    for attribute in _LOGIT_TRANSFORMS:
+        value = getattr(model.config, attribute, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"fused=True cannot follow {name}: its config sets {attribute}={value}, which "
+                             f"transforms the logits after the LM head (use fused=False)")
