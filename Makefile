@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e ".[dev,hf]"
 	touch $(STAMP)
 
+# The main job on the embedded default: MLE vs SMILE fine-tuning of a small BLIP on generated scenes.
 demo: $(STAMP)
-	$(PY) benchmarks/bench_losses.py --shapes blip --repeats 5
+	$(PY) -m seqloss compare --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -29,9 +29,10 @@ from .losses import Plan, finish, plan_of, reference_loss, resolve_impl, targets
 from .rows import candidates, full_rows, list_rows
 from .support import FullSupport
 
-# Positions per chunk of the full-vocabulary pass: about this many logits, but never fewer than
-# MIN_CHUNK_POSITIONS positions, so that the chunk matmuls stay efficient.
-FUSED_CHUNK_ELEMENTS = 1 << 23
+# Positions per chunk of the full-vocabulary pass: about this many fp32 logits (128 MiB), but never
+# fewer than MIN_CHUNK_POSITIONS positions, so that the chunk matmuls stay efficient and the weight
+# gradient (V × H) is swept few times.
+FUSED_CHUNK_ELEMENTS = 1 << 25
 MIN_CHUNK_POSITIONS = 256
 # Gathered head rows per block of the list pass (groups × K × H elements).
 LIST_BLOCK_ELEMENTS = 1 << 24
@@ -49,27 +50,39 @@ class _Grads:
 def _full_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, alpha: float,
                exclude: Optional[Tensor], positions: Tensor, w_all: Optional[Tensor], loss: Tensor,
                grads: _Grads) -> None:
-    """Positions whose support is every id but ``exclude``: chunked logits, loss and gradients."""
+    """Positions whose support is every id but ``exclude``: chunked logits, loss and gradients.
+
+    When most positions need it, chunks are contiguous ranges of all positions (those without a
+    target get weight 0), so hidden rows are sliced and their gradient accumulated in place.
+    """
     B, N, H = hidden.shape
     V = weight.shape[0]
-    flat = positions.flatten().nonzero().squeeze(1)
+    dense = 2 * int(positions.sum()) >= positions.numel()
+    flat = torch.arange(B * N, device=hidden.device) if dense else positions.flatten().nonzero().squeeze(1)
     chunk = max(MIN_CHUNK_POSITIONS, FUSED_CHUNK_ELEMENTS // V)
     h_all = hidden.reshape(B * N, H)
     for start in range(0, flat.numel(), chunk):
         idx = flat[start:start + chunk]
+        rows = slice(start, start + idx.numel())
         b, n = idx // N, idx % N
-        h = h_all[idx]                                                 # (C, H)
+        h = h_all[rows] if dense else h_all[idx]                       # (C, H)
         z = (torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()).float()  # (C, V)
         y = plan.labels[b, n].unsqueeze(1)
+        on = positions[b, n].unsqueeze(1)
         ex = None if exclude is None else exclude[b, n if exclude.shape[1] > 1 else 0]
-        w = None if w_all is None else alpha * w_all[b, n].unsqueeze(1)
+        w = None if w_all is None else alpha * w_all[b, n].unsqueeze(1) * on
         tok = full_rows(z, y, ex, plan.label_smoothing, w)             # z becomes dloss/dlogits
-        loss.view(-1).index_add_(0, idx, alpha * tok.squeeze(1))
+        loss.view(-1).index_add_(0, idx, alpha * torch.where(on, tok, 0.0).squeeze(1))
         if w is None:
             continue
         g = z.to(weight.dtype)
         if grads.hidden is not None:
-            grads.hidden.index_add_(0, idx, (g @ weight).float())
+            if dense and g.dtype == torch.float32:
+                grads.hidden[rows].addmm_(g, weight)
+            elif dense:
+                grads.hidden[rows] += (g @ weight).float()
+            else:
+                grads.hidden.index_add_(0, idx, (g @ weight).float())
         if grads.weight is not None:
             if g.dtype == torch.float32:
                 grads.weight.addmm_(g.t(), h)

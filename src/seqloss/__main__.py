@@ -1,0 +1,4 @@
+"""``python -m seqloss`` (also what ``torchrun -m seqloss train ...`` runs)."""
+from .cli import main
+
+main()

@@ -1,0 +1,67 @@
+"""``seqloss explain``: the per-token loss of one caption under MLE and SMILE (the paper's Figure 1 view).
+
+Under MLE every token's softmax runs over the whole vocabulary; under SMILE only over the words of
+the caption itself, so tokens the model would rather replace by an *unmentioned* detail are not
+penalised for it. The bar chart shows where the two disagree.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from .. import functional
+from .._lazy import require
+from .model import Captioner
+
+OBJECTIVES = ("mle", "smile")
+
+
+@torch.no_grad()
+def token_losses(captioner: Captioner, image: Any, caption: str,
+                 objectives: Sequence[str] = OBJECTIVES) -> Dict[str, Any]:
+    """{"tokens": [...], objective: [loss per token]} for the caption's supervised tokens."""
+    captioner.model.eval()
+    batch = captioner.encode([caption])
+    logits = captioner.model(pixel_values=captioner.pixels([image]), input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    out: Dict[str, Any] = {}
+    # With shift=True the loss at position n scores the token at n + 1.
+    targets = labels[0, 1:]
+    keep = targets != -100
+    out["tokens"] = captioner.tokenizer.convert_ids_to_tokens(targets[keep].tolist())
+    for objective in objectives:
+        per_position = functional.objective_loss(logits, labels, objective, shift=True, reduction="none")[0, :-1]
+        out[objective] = per_position[keep].tolist()
+    return out
+
+
+def plot(losses: Dict[str, Any], path: Path, title: str = "") -> Path:
+    matplotlib = require("matplotlib", "plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = losses["tokens"]
+    names = [k for k in losses if k != "tokens"]
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(tokens) + 1), 3.2))
+    for i, name in enumerate(names):
+        ax.bar([x + i * width for x in range(len(tokens))], losses[name], width, label=name)
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(tokens))], tokens, rotation=30)
+    ax.set(ylabel="loss (nats)", title=title or "Per-token loss of the caption")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def table(losses: Dict[str, Any]) -> List[str]:
+    names = [k for k in losses if k != "tokens"]
+    lines = ["token".ljust(12) + "".join(n.rjust(10) for n in names)]
+    for i, token in enumerate(losses["tokens"]):
+        lines.append(token.ljust(12) + "".join(f"{losses[n][i]:10.3f}" for n in names))
+    lines.append("total".ljust(12) + "".join(f"{sum(losses[n]):10.3f}" for n in names))
+    return lines

@@ -1,0 +1,109 @@
+"""Caption metrics: exact descriptiveness on scenes, and BLEU-4 / CIDEr against references.
+
+On scenes the truth is known, so a caption is parsed back into facts (the format of
+``scenes.facts``) and compared: attribute recall = true facts mentioned / true facts, hallucination
+rate = false facts mentioned / facts mentioned. BLEU-4 and CIDEr come from pycocoevalcap's scorers,
+as in the SMILE repository (https://github.com/yuezih/SMILE), on lowercase whitespace tokens (its
+PTBTokenizer needs Java).
+"""
+from __future__ import annotations
+
+from typing import Dict, FrozenSet, List, Sequence, Set
+
+from .scenes import COLOURS, POSITION_PHRASES, SHAPES, SIZES, Fact, Scene, facts
+
+# Attribute words that the templates place before a shape word, and the phrases they place after it.
+_PRE_ATTRIBUTE = {**{c: "colour" for c in COLOURS}, **{z: "size" for z in SIZES}}
+_POST_PHRASES = sorted(((tuple(p.split()), pos) for pos, phrases in POSITION_PHRASES.items() for p in phrases),
+                       key=lambda item: -len(item[0]))  # longest first, should phrases ever share a prefix
+
+
+def _words(text: str) -> List[str]:
+    return text.lower().split()
+
+
+def parse_caption(text: str) -> FrozenSet[Fact]:
+    """The facts a caption states, in the format of ``scenes.facts``.
+
+    Each shape word is a mentioned object, ``("shape", s)``; the run of colour/size words right
+    before it gives ``("colour", s, c)`` / ``("size", s, z)``, and each position phrase right after
+    it (``on the left``, ``at the top``, ``in the center``/``in the middle``...) gives
+    ``("position", s, p)``. Words outside this grammar state nothing. Inverts ``scenes.captions``
+    exactly; on free text (a model's output) contradictions such as "a red blue circle" yield both
+    facts, so one of them counts as a hallucination.
+    """
+    words = _words(text)
+    found: Set[Fact] = set()
+    for i, word in enumerate(words):
+        if word not in SHAPES:
+            continue
+        found.add(("shape", word))
+        j = i - 1
+        while j >= 0 and words[j] in _PRE_ATTRIBUTE:
+            found.add((_PRE_ATTRIBUTE[words[j]], word, words[j]))
+            j -= 1
+        j = i + 1
+        while True:
+            match = next(((phrase, pos) for phrase, pos in _POST_PHRASES
+                          if tuple(words[j:j + len(phrase)]) == phrase), None)
+            if match is None:
+                break
+            found.add(("position", word, match[1]))
+            j += len(match[0])
+    return frozenset(found)
+
+
+def _check_pairs(captions: Sequence, others: Sequence, what: str) -> None:
+    if len(captions) != len(others):
+        raise ValueError(f"got {len(captions)} captions but {len(others)} {what}")
+    if not captions:
+        raise ValueError("no captions to score")
+
+
+def scene_scores(captions: Sequence[str], scenes: Sequence[Scene]) -> Dict[str, float]:
+    """Micro-averaged over images: ``attribute_recall`` = true facts mentioned / true facts,
+    ``hallucination_rate`` = false facts mentioned / facts mentioned (0.0 when nothing is mentioned).
+    """
+    _check_pairs(captions, scenes, "scenes")
+    true_total = hit = mentioned = false = 0
+    for caption, scene in zip(captions, scenes):
+        truth, said = facts(scene), parse_caption(caption)
+        true_total += len(truth)
+        hit += len(said & truth)
+        mentioned += len(said)
+        false += len(said - truth)
+    return {"attribute_recall": hit / true_total,
+            "hallucination_rate": false / mentioned if mentioned else 0.0}
+
+
+def caption_lengths(captions: Sequence[str]) -> List[int]:
+    """Words per caption (whitespace tokens)."""
+    return [len(c.split()) for c in captions]
+
+
+def text_scores(captions: Sequence[str], references: Sequence[Sequence[str]]) -> Dict[str, float]:
+    """``avg_length`` (words), ``distinct_words`` (over all captions), ``bleu4`` and ``cider``.
+
+    ``references[i]`` are the (one or more) references of ``captions[i]``. BLEU-4 is corpus-level
+    (pycocoevalcap ``Bleu(4)``), CIDEr is CIDEr-D (``Cider``); its IDF comes from the references of
+    all images, so a single image scores 0 by construction.
+    """
+    try:  # optional dependency, loaded only when scoring text
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+    except ImportError as err:
+        raise ImportError("text_scores needs pycocoevalcap: pip install 'seqloss[hf]'") from err
+
+    _check_pairs(captions, references, "reference lists")
+    res = {i: [" ".join(_words(c))] for i, c in enumerate(captions)}
+    gts = {}
+    for i, refs in enumerate(references):
+        if isinstance(refs, str) or not refs:
+            raise ValueError(f"references[{i}] must be a non-empty list of strings, got {refs!r}")
+        gts[i] = [" ".join(_words(r)) for r in refs]
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    lengths = caption_lengths(captions)
+    return {"avg_length": sum(lengths) / len(lengths),
+            "distinct_words": len({w for c in captions for w in _words(c)}),
+            "bleu4": float(bleu[3]), "cider": float(cider)}

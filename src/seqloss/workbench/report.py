@@ -1,0 +1,109 @@
+"""Reports of a comparison: report.json, report.md and PNG plots a person would rather look at."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+from .._lazy import require
+from .metrics import caption_lengths
+
+COLUMNS = ("avg_length", "distinct_words", "attribute_recall", "hallucination_rate", "bleu4", "cider")
+SAMPLES = 8
+
+
+def table(metrics: Dict[str, Dict[str, float]]) -> str:
+    """A markdown table: one row per objective, the columns of ``COLUMNS`` that are present."""
+    columns = [c for c in COLUMNS if any(c in m for m in metrics.values())]
+    lines = ["| objective | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, m in metrics.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.0f}" if isinstance(value, int) or float(value).is_integer() and value > 10 else f"{value:.3f}"
+
+
+def _plots(out_dir: Path, results: Dict[str, Dict[str, Any]], evaluation: Any) -> List[str]:
+    matplotlib = require("matplotlib", "plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    lengths = [caption_lengths(results[n]["captions"]) for n in names]
+    top = max([max(x) for x in lengths if x] + [1])
+    ax.hist(lengths, bins=range(0, top + 2), label=names, align="left")
+    ax.set(xlabel="caption length (words)", ylabel="captions", title="Caption length per objective")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "lengths.png", dpi=120)
+    written.append("lengths.png")
+    plt.close(fig)
+
+    if all("attribute_recall" in results[n]["metrics"] for n in names):
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        for n in names:
+            m = results[n]["metrics"]
+            ax.scatter(m["hallucination_rate"], m["attribute_recall"], s=60)
+            ax.annotate(n, (m["hallucination_rate"], m["attribute_recall"]), textcoords="offset points", xytext=(5, 5))
+        ax.set(xlabel="hallucination rate (lower is better)", ylabel="attribute recall (higher is better)",
+               title="Descriptiveness against hallucination")
+        ax.margins(0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "recall_vs_hallucination.png", dpi=120)
+        written.append("recall_vs_hallucination.png")
+        plt.close(fig)
+
+    shown = min(SAMPLES, len(evaluation.images))
+    fig, axes = plt.subplots(1, shown, figsize=(2.6 * shown, 2.6 + 0.45 * len(names)), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        ax.imshow(evaluation.images[i])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        text = "\n".join(f"{n}: {_wrap(results[n]['captions'][i])}" for n in names)
+        ax.set_xlabel(text, fontsize=6, loc="left")
+    fig.tight_layout()
+    fig.savefig(out_dir / "examples.png", dpi=120)
+    written.append("examples.png")
+    plt.close(fig)
+    return written
+
+
+def _wrap(caption: str, width: int = 34) -> str:
+    words, lines, line = caption.split(), [], ""
+    for w in words:
+        if line and len(line) + len(w) + 1 > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    return "\n   ".join(lines + [line])
+
+
+def write_report(out_dir: Path, results: Dict[str, Dict[str, Any]], evaluation: Any,
+                 settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Write report.json, report.md and the plots; print and return the report."""
+    out_dir = Path(out_dir)
+    metrics = {name: r["metrics"] for name, r in results.items()}
+    names = evaluation.names or [str(i) for i in range(len(evaluation.images))]
+    samples = [{"image": names[i], "references": evaluation.references[i],
+                "captions": {n: results[n]["captions"][i] for n in results}}
+               for i in range(min(SAMPLES, len(names)))]
+    plots = _plots(out_dir, results, evaluation)
+    report = {"objectives": metrics, "settings": settings, "samples": samples, "plots": plots,
+              "captions": {n: r["captions"] for n, r in results.items()}}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    md = ["# seqloss compare", "", table(metrics), ""]
+    md += [f"![{p}]({p})" for p in plots] + ["", "## Sample captions", ""]
+    for s in samples:
+        md.append(f"**{s['image']}** — references: " + " / ".join(f"*{r}*" for r in s["references"]))
+        md += [f"- {n}: {c}" for n, c in s["captions"].items()] + [""]
+    (out_dir / "report.md").write_text("\n".join(md))
+    print(table(metrics))
+    print(f"report: {out_dir / 'report.md'}")
+    return report

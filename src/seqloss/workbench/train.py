@@ -1,0 +1,112 @@
+"""Training on ``transformers.Trainer`` with the loss from ``seqloss.hf.patch``.
+
+Because the Trainer drives the loop, ``accelerate launch`` / ``torchrun`` scale it (gloo on CPU),
+and progress bars, checkpoints and ``--resume`` come from there.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import hf
+from .._lazy import require
+from .model import Captioner
+
+
+@dataclass
+class TrainSettings:
+    """What a training run does; stage-1 caches are keyed by these (plus the data)."""
+
+    objective: Any = "mle"
+    steps: int = 400
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    seed: int = 0
+    save_steps: int = 100
+    logging_steps: int = 20
+    objective_options: Dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+class CaptionPairs(torch.utils.data.Dataset):
+    """Every (image, caption) pair: an image with five captions gives five training examples.
+
+    Pixels are computed once up front (the images are small), captions are tokenised per batch.
+    """
+
+    def __init__(self, captioner: Captioner, images: Sequence[Any], captions: Sequence[Sequence[str]]) -> None:
+        self.pixels = captioner.pixels(images) if len(images) else torch.empty(0)
+        self.pairs: List[Tuple[int, str]] = [(i, c) for i, cs in enumerate(captions) for c in cs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, str]:
+        image, caption = self.pairs[index]
+        return self.pixels[image], caption
+
+
+class CaptionCollator:
+    """(pixels, caption) items → a BLIP training batch."""
+
+    def __init__(self, captioner: Captioner) -> None:
+        self.captioner = captioner
+
+    def __call__(self, items: List[Tuple[torch.Tensor, str]]) -> Dict[str, torch.Tensor]:
+        pixels, captions = zip(*items)
+        return dict(pixel_values=torch.stack(pixels), **self.captioner.encode(captions))
+
+
+def _training_arguments(out_dir: Path, settings: TrainSettings, progress: bool):
+    transformers = require("transformers", "hf")
+    on_gpu = torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun / accelerate launch
+    return transformers.TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"), max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+        warmup_steps=settings.warmup_steps, weight_decay=settings.weight_decay, lr_scheduler_type="cosine",
+        logging_steps=settings.logging_steps, save_steps=settings.save_steps, save_total_limit=2,
+        seed=settings.seed, data_seed=settings.seed, report_to=[], remove_unused_columns=False,
+        dataloader_num_workers=0, use_cpu=not on_gpu, ddp_backend="gloo" if distributed and not on_gpu else None,
+        disable_tqdm=not progress)
+
+
+def last_checkpoint(out_dir: Path) -> Optional[str]:
+    """The newest Trainer checkpoint under ``out_dir/checkpoints``, if any."""
+    transformers = require("transformers", "hf")
+    checkpoints = Path(out_dir) / "checkpoints"
+    return transformers.trainer_utils.get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+
+def train(captioner: Captioner, images: Sequence[Any], captions: Sequence[Sequence[str]], settings: TrainSettings,
+          out_dir: Path, *, resume: bool = False, progress: bool = True, callbacks: Sequence[Any] = ()
+          ) -> Dict[str, Any]:
+    """Train ``captioner`` in place with ``settings.objective``; save it to ``out_dir/model``.
+
+    With ``resume=True`` the run continues from the last checkpoint in ``out_dir`` (optimizer,
+    scheduler, RNG and data order included). ``callbacks`` are ``transformers.TrainerCallback``s.
+    Returns the Trainer's log history and the number of optimiser steps taken.
+    """
+    transformers = require("transformers", "hf")
+    out_dir = Path(out_dir)
+    hf.patch(captioner.model, settings.objective, **settings.objective_options)
+    trainer = transformers.Trainer(model=captioner.model, args=_training_arguments(out_dir, settings, progress),
+                                   train_dataset=CaptionPairs(captioner, images, captions),
+                                   data_collator=CaptionCollator(captioner), callbacks=list(callbacks))
+    checkpoint = last_checkpoint(out_dir) if resume else None
+    if resume and checkpoint is None:
+        print(f"no checkpoint under {out_dir / 'checkpoints'}: starting from the beginning")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    hf.unpatch(captioner.model)
+    if trainer.is_world_process_zero():
+        captioner.save(out_dir / "model")
+    return {"log_history": trainer.state.log_history, "global_step": trainer.state.global_step,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1"))}

@@ -1,0 +1,44 @@
+"""A short end-to-end compare writes every report file; a second run reuses stage 1."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+from seqloss.workbench.compare import CompareSettings, compare, objective_name, parse_objective  # noqa: E402
+from seqloss.workbench.report import COLUMNS  # noqa: E402
+from seqloss.workbench.train import TrainSettings  # noqa: E402
+
+
+def _tiny(objectives):
+    return CompareSettings(objectives=objectives, train_images=24, test_images=4,
+                           stage1=TrainSettings(steps=4, batch_size=8, warmup_steps=0, save_steps=4, logging_steps=2),
+                           stage2_steps=2)
+
+
+def test_compare_writes_every_report_file_and_caches_stage_one(tmp_path, capsys):
+    mixture = {"mle": 0.01, "smile": 0.99}
+    report = compare(tmp_path / "out", _tiny(["mle", "smile", mixture]), cache_dir=tmp_path / "cache", progress=False)
+    for name in ("report.json", "report.md", "lengths.png", "recall_vs_hallucination.png", "examples.png"):
+        assert (tmp_path / "out" / name).is_file(), name
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(saved["objectives"]) == {"mle", "smile", "mle=0.01,smile=0.99"} == set(report["objectives"])
+    for metrics in saved["objectives"].values():
+        assert set(COLUMNS) <= set(metrics)
+    printed = capsys.readouterr().out
+    assert "| objective |" in printed and "stage 1: training" in printed
+    compare(tmp_path / "again", _tiny(["smile"]), cache_dir=tmp_path / "cache", progress=False)
+    assert "stage 1: reusing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, objective", [("smile", "smile"), ("mle=0.01,smile=0.99", {"mle": 0.01, "smile": 0.99})])
+def test_objectives_read_and_print_alike(text, objective):
+    assert parse_objective(text) == objective and objective_name(objective) == text
+
+
+@pytest.mark.parametrize("bad", ["mle=x", "Mle-1=0.1"])
+def test_unreadable_objectives_are_refused(bad):
+    with pytest.raises(ValueError, match="objective"):
+        parse_objective(bad)
