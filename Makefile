@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m seqloss compare --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 # The full tables behind benchmarks/RESULTS.md (several minutes on 2 cores).
 bench: $(STAMP)

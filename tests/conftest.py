@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+from hypothesis import strategies as st
 from torch import Tensor
 
 import seqloss
@@ -19,12 +20,13 @@ import seqloss
 @dataclass(frozen=True)
 class Tolerance:
     forward: float   # loss values
-    backward: float  # gradients of the logits
+    backward: float  # gradients (of the logits; of hidden, weight and bias for the fused head)
 
 
 # fp32: the fast path must match the reference to these absolute/relative tolerances.
 # bf16/fp16 (ml-cross-entropy criterion): |fast - fp32 truth| <= |naive same-dtype - fp32 truth| + slack,
-# where "naive same-dtype" is impl="reference" run on the low-precision logits.
+# where "naive same-dtype" is impl="reference" run on the low-precision logits (for the fused head: on
+# the low-precision logits F.linear(hidden, weight, bias)) and "truth" the same on an fp32 upcast.
 TOLERANCES: Dict[torch.dtype, Tolerance] = {
     torch.float32: Tolerance(forward=1e-5, backward=5e-4),
     torch.bfloat16: Tolerance(forward=1e-2, backward=1e-2),
@@ -39,14 +41,15 @@ def assert_close_fp32(actual: Tensor, expected: Tensor, which: str = "forward") 
 
 
 def assert_low_precision(fast: Tensor, naive: Tensor, truth: Tensor, dtype: torch.dtype,
-                         which: str = "forward") -> None:
-    """Element-wise ``|fast - truth| <= |naive - truth| + slack`` (truth in fp32)."""
+                         which: str = "forward", what: str = "") -> None:
+    """Element-wise ``|fast - truth| <= |naive - truth| + slack`` (truth in fp32); ``what`` names the
+    compared quantity in the failure message."""
     slack = getattr(TOLERANCES[dtype], which)
     fast, naive, truth = fast.float(), naive.float(), truth.float()
     assert fast.shape == truth.shape == naive.shape
     assert torch.isfinite(fast).all(), "fast path gave a non-finite value"
     excess = (fast - truth).abs() - ((naive - truth).abs() + slack)
-    assert excess.numel() == 0 or excess.max() <= 0, f"{which}: exceeds the criterion by {excess.max():.3g}"
+    assert excess.numel() == 0 or excess.max() <= 0, f"{which} {what}: exceeds the criterion by {excess.max():.3g}"
 
 
 # --- batches -----------------------------------------------------------------------------------
@@ -114,3 +117,50 @@ def loss_and_grad(fn: Callable[..., Tensor], logits: Tensor, labels: Tensor,
 
 def random_grad_output(shape: torch.Size, seed: int = 0) -> Tensor:
     return torch.randn(shape, generator=generator(seed + 40_000))
+
+
+# --- objectives on logits: shared by the engine (test_losses) and function-layer (test_functional) tests
+
+OBJECTIVES_AND_MIXTURE = OBJECTIVE_NAMES + ("mixture",)
+REDUCTIONS = ("mean", "sum", "none", "sequence")
+
+
+def objective_of(name: str) -> Any:
+    return MIXTURE if name == "mixture" else name
+
+
+def options_of(name: str, labels: Tensor, vocab_size: int, seed: int = 0) -> Dict[str, Any]:
+    return {} if name == "mixture" else member_options(name, labels, vocab_size, seed)
+
+
+def output_shape(reduction: str, lead: Tuple[int, ...], N: int) -> Tuple[int, ...]:
+    return {"mean": (), "sum": (), "none": (*lead, N), "sequence": lead}[reduction]
+
+
+def compare_impls(name: str, logits: Tensor, labels: Tensor, *, grad_output: Optional[Tensor] = None, seed: int = 0,
+                  **common: Any) -> Tuple[Tensor, Tensor]:
+    """Run impl="torch" and impl="reference" on the same fp32 inputs; assert values and gradients match."""
+    V = logits.shape[-1]
+    results = {}
+    for impl in ("torch", "reference"):
+        results[impl] = loss_and_grad(seqloss.objective_loss, logits, labels, grad_output=grad_output,
+                                      objective=objective_of(name), impl=impl, **common,
+                                      **options_of(name, labels, V, seed))
+    (fast, fast_grad), (ref, ref_grad) = results["torch"], results["reference"]
+    assert fast.shape == ref.shape
+    assert fast.dtype == torch.float32
+    assert fast_grad.dtype == logits.dtype and fast_grad.shape == logits.shape
+    assert_close_fp32(fast, ref, "forward")
+    assert_close_fp32(fast_grad, ref_grad, "backward")
+    return fast, fast_grad
+
+
+@st.composite
+def batches(draw, min_vocab: int = 1):
+    """(logits (B, N, V), labels (B, N), seed) for hypothesis, B possibly 0, some rows all ignored."""
+    B = draw(st.integers(0, 3))
+    N = draw(st.integers(1, 6))
+    V = draw(st.integers(min_vocab, 40))
+    seed = draw(st.integers(0, 2**16))
+    ignore = draw(st.sampled_from([0.0, 0.3, 1.0]))
+    return make_logits(B, N, V, seed=seed), make_labels(B, N, vocab_size=V, seed=seed, ignore_fraction=ignore), seed

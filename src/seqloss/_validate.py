@@ -67,20 +67,20 @@ def check_common(options: Mapping[str, Any]) -> Common:
     return c
 
 
-def check_logits(logits: Any, name: str = "logits") -> None:
+def check_logits(logits: Any, name: str = "logits", last: str = "V") -> None:
     if not isinstance(logits, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if not logits.is_floating_point():
         raise TypeError(f"{name} must be floating point (fp32, bf16 or fp16), got {logits.dtype}")
     if logits.dim() < 2:
-        raise ValueError(f"{name} must have shape (..., N, V), got {tuple(logits.shape)}")
+        raise ValueError(f"{name} must have shape (..., N, {last}), got {tuple(logits.shape)}")
     if logits.shape[-1] < 1:
-        raise ValueError(f"{name} must have a vocabulary dimension V >= 1, got {tuple(logits.shape)}")
+        raise ValueError(f"{name} must have a last dimension {last} >= 1, got {tuple(logits.shape)}")
 
 
 def check_linear(hidden: Any, weight: Any, bias: Any) -> None:
     """The fused head: hidden (..., N, H), weight (V, H), bias (V,) or None, one float dtype."""
-    check_logits(hidden, "hidden")
+    check_logits(hidden, "hidden", last="H")
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:

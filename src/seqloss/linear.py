@@ -101,7 +101,7 @@ def _groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor, w_all: O
     if ids.shape[1] == 1:
         parts = (ids[:, 0], hidden, plan.labels.unsqueeze(-1), positions, w_all, index)
     else:
-        parts = (ids.reshape(B * N, -1), hidden.reshape(B * N, 1, H), plan.labels.reshape(B * N, 1, 1),
+        parts = (ids.reshape(B * N, ids.shape[-1]), hidden.reshape(B * N, 1, H), plan.labels.reshape(B * N, 1, 1),
                  positions.reshape(B * N, 1), None if w_all is None else w_all.reshape(B * N, 1),
                  index.reshape(B * N, 1))
     return parts
@@ -117,26 +117,27 @@ def _list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Pla
     block = max(1, LIST_BLOCK_ELEMENTS // max(1, (K + M) * H))
     for s in range(0, G, block):
         sl = slice(s, s + block)
-        h, y, on, flat = h_g[sl], y_g[sl], pos_g[sl], index_g[sl]      # (g, M, H), (g, M, 1), (g, M)
+        h, y, on, flat = h_g[sl].float(), y_g[sl], pos_g[sl], index_g[sl]  # (g, M, H), (g, M, 1), (g, M)
         cand, valid = candidates(ids_g[sl].unsqueeze(1).expand(-1, M, -1), y, on)  # (g, M, K+1)
-        w_rows = weight[ids_g[sl].clamp(min=0)]                          # (g, K, H)
-        w_y = weight[y.squeeze(-1)]                                     # (g, M, H)
+        # The list part is small (K columns), so its math is fp32 throughout: bf16 inputs round once.
+        w_rows = weight[ids_g[sl].clamp(min=0)].float()                # (g, K, H)
+        w_y = weight[y.squeeze(-1)].float()                             # (g, M, H)
         z = torch.cat([torch.bmm(h, w_rows.transpose(1, 2)), (h * w_y).sum(-1, keepdim=True)], dim=-1)
         if bias is not None:
-            z = z + bias[cand]
+            z = z + bias[cand].float()
         w = None if w_g is None else alpha * w_g[sl].unsqueeze(-1)
-        tok, g = list_rows(z.float(), valid, plan.label_smoothing, w)    # (g, M, 1), (g, M, K+1)
+        tok, g = list_rows(z, valid, plan.label_smoothing, w)            # (g, M, 1), (g, M, K+1)
         loss.view(-1).index_add_(0, flat.flatten(), alpha * tok.flatten())
         if g is None:
             continue
-        g_list, g_y = g[..., :K].to(weight.dtype), g[..., K:].to(weight.dtype)
+        g_list, g_y = g[..., :K], g[..., K:]
         if grads.hidden is not None:
             dh = torch.bmm(g_list, w_rows) + g_y * w_y                 # (g, M, H)
-            grads.hidden.index_add_(0, flat.flatten(), dh.reshape(-1, H).float())
+            grads.hidden.index_add_(0, flat.flatten(), dh.reshape(-1, H))
         if grads.weight is not None:
             dw_rows = torch.bmm(g_list.transpose(1, 2), h)              # (g, K, H)
-            grads.weight.index_add_(0, ids_g[sl].clamp(min=0).flatten(), dw_rows.reshape(-1, H).float())
-            grads.weight.index_add_(0, y.flatten(), (g_y * h).reshape(-1, H).float())
+            grads.weight.index_add_(0, ids_g[sl].clamp(min=0).flatten(), dw_rows.reshape(-1, H))
+            grads.weight.index_add_(0, y.flatten(), (g_y * h).reshape(-1, H))
         if grads.bias is not None:
             grads.bias.index_add_(0, cand.flatten(), g.flatten())
 
