@@ -10,6 +10,7 @@ from .linear import linear_loss
 from .modules import (CrossEntropyLoss, ObjectiveLoss, RandomSubsetLoss, ReverseSubsetLoss, SelectiveEOSLoss,
                       SmileLoss, SubsetCrossEntropyLoss)
 from .support import OBJECTIVES
+from . import masking
 
 __version__ = "0.1.0"
 
@@ -17,5 +18,5 @@ __all__ = [
     "cross_entropy", "smile_loss", "random_subset_loss", "reverse_subset_loss", "selective_eos_loss",
     "subset_cross_entropy", "objective_loss", "linear_loss",
     "CrossEntropyLoss", "SmileLoss", "RandomSubsetLoss", "ReverseSubsetLoss", "SelectiveEOSLoss",
-    "SubsetCrossEntropyLoss", "ObjectiveLoss", "OBJECTIVES",
+    "SubsetCrossEntropyLoss", "ObjectiveLoss", "OBJECTIVES", "masking",
 ]

@@ -1,0 +1,165 @@
+"""Benchmark of seqloss.masking: every scheme in train mode, against two peers run in the same process.
+
+Peers:
+  * plm: the same XLNet algorithm written the way the reference implementations write it (HF's
+    permutation collator, Transformers4Rec's PermutationLanguageModeling): a Python loop over rows
+    with a per-span ``randint`` and a per-row ``randperm``. Written here, ``plm_per_row``.
+  * mlm with a [MASK] id: Hugging Face's ``DataCollatorForLanguageModeling.torch_mask_tokens`` at the
+    same rate and 80/10/10 split, on a tiny word-level tokenizer built offline.
+
+Times are medians of ``--repeats`` runs (after one warm-up), in ms; each ratio compares two timings
+taken in this run. Run: ``python benchmarks/bench_masking.py [--repeats 7]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+import seqloss.masking as masking
+
+SHAPES = ((512, 50), (4096, 200))
+VOCAB = 10_000
+PAD, MASK = 0, 1  # the tokenizer's [PAD] and [MASK]; items are ids 3 .. VOCAB - 1
+
+
+def sessions(B: int, L: int, seed: int = 0) -> Tensor:
+    """(B, L) right-padded item ids, row lengths uniform in [1, L]."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (B, L), generator=g)
+    lengths = torch.randint(1, L + 1, (B, 1), generator=g)
+    return torch.where(torch.arange(L) < lengths, ids, PAD)
+
+
+def plm_per_row(item_ids: Tensor, probability: float = 1 / 6, max_span_length: int = 5,
+                generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """seqloss's PLM algorithm (train mode) with a Python loop over rows: targets, target_mask,
+    perm_mask, target_mapping."""
+    B, L = item_ids.shape
+    lengths = (item_ids != PAD).sum(dim=1).tolist()
+    target_mask = torch.zeros(B, L, dtype=torch.bool)
+    perm_mask = torch.zeros(B, L, L)
+    for b, n in enumerate(lengths):
+        cur = 0
+        while cur < n:
+            span = int(torch.randint(1, max_span_length + 1, (1,), generator=generator))
+            context = int(span / probability)
+            start = cur + int(torch.randint(context - span + 1, (1,), generator=generator))
+            target_mask[b, start:min(start + span, n)] = True
+            cur += context
+        count = int(target_mask[b].sum())
+        if (n >= 1 and count == 0) or (n >= 2 and count == n):
+            target_mask[b, int(torch.randint(n, (1,), generator=generator))] ^= True
+        rank = torch.where(target_mask[b], torch.randperm(L, generator=generator), -1)
+        perm_mask[b] = ((rank.unsqueeze(1) <= rank.unsqueeze(0)) & target_mask[b]).float()
+    targets = torch.where(target_mask, item_ids, -100)
+    return targets, target_mask, perm_mask, torch.diag_embed(target_mask.float())
+
+
+def hf_collator(mlm_probability: float):
+    """``DataCollatorForLanguageModeling`` on a word-level tokenizer over VOCAB ids, built offline."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": PAD, "[MASK]": MASK, "[UNK]": 2, **{f"item{i}": i for i in range(3, VOCAB)}}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="[UNK]")),
+                                        pad_token="[PAD]", mask_token="[MASK]", unk_token="[UNK]")
+    return DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, return_tensors="pt")
+
+
+def median_ms(run: Callable[[object], object], repeats: int, setup: Callable[[], object] = lambda: None) -> float:
+    """Median wall time of ``run(setup())`` over ``repeats`` runs after one warm-up; setup is untimed."""
+    run(setup())
+    times = []
+    for _ in range(repeats):
+        state = setup()
+        start = time.perf_counter()
+        run(state)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def output_mib(out: masking.MaskingOutput) -> float:
+    tensors = [t for t in vars(out).values() if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def bench_shape(B: int, L: int, repeats: int) -> List[Tuple[str, str, float, float, str, Optional[float]]]:
+    """Rows (scheme, shape, seqloss ms, output MiB, peer, peer ms) for one shape."""
+    item_ids = sessions(B, L)
+    g = torch.Generator().manual_seed(0)
+    shape = f"{B}x{L}"
+    rows = []
+
+    def ours(name: str, **options) -> Tuple[masking.MaskingScheme, float, float]:
+        scheme = masking.get(name, padding_idx=PAD, **options)
+        ms = median_ms(lambda _: scheme(item_ids, "train", generator=g), repeats)
+        return scheme, ms, output_mib(scheme(item_ids, "train", generator=g))
+
+    _, ms, mib = ours("clm")
+    rows.append(("clm", shape, ms, mib, "", None))
+    _, ms, mib = ours("mlm")
+    rows.append(("mlm (embedding-level)", shape, ms, mib, "", None))
+
+    _, ms, mib = ours("mlm", mask_token_id=MASK, vocab_size=VOCAB)
+    collator = hf_collator(0.15)
+    hf_ms = median_ms(lambda inputs: collator.torch_mask_tokens(inputs, special_tokens_mask=inputs == PAD),
+                      repeats, setup=item_ids.clone)  # it masks its input in place: a fresh copy each run
+    rows.append(("mlm (80/10/10 ids)", shape, ms, mib, "HF torch_mask_tokens", hf_ms))
+
+    _, ms, mib = ours("plm")
+    loop_ms = median_ms(lambda _: plm_per_row(item_ids, generator=g), repeats)
+    rows.append(("plm", shape, ms, mib, "per-row loop", loop_ms))
+
+    rtd, ms, mib = ours("rtd", mask_token_id=MASK, vocab_size=VOCAB)
+    rows.append(("rtd", shape, ms, mib, "", None))
+    out = rtd(item_ids, "train", generator=g)
+    logits = torch.randn(int(out.target_mask.sum()), 1000, generator=g)  # a 1000-id generator head
+    corrupt_ms = median_ms(lambda _: rtd.corrupt(item_ids, out, logits, generator=g), repeats)
+    rows.append(("rtd.corrupt (T x 1000 logits)", shape, corrupt_ms, 0.0, "", None))
+    return rows
+
+
+def table(rows) -> str:
+    lines = ["| scheme (train) | B x L | seqloss ms | output MiB | peer | peer ms | speed-up |",
+             "|---|---|---:|---:|---|---:|---:|"]
+    for name, shape, ms, mib, peer, peer_ms in rows:
+        ratio = f"{peer_ms / ms:.1f}x" if peer_ms is not None else ""
+        peer_cell = f"{peer_ms:.2f}" if peer_ms is not None else ""
+        lines.append(f"| {name} | {shape} | {ms:.2f} | {mib:.0f} | {peer} | {peer_cell} | {ratio} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import transformers
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
+            f"load average {load} at the end; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell (median reported), >= 5")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--shapes", default=",".join(f"{B}x{L}" for B, L in SHAPES),
+                        help="comma-separated BxL batch shapes, e.g. 512x50,4096x200")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+    rows = [row for B, L in shapes for row in bench_shape(B, L, args.repeats)]
+    print(f"seqloss.masking, median of {args.repeats} runs; {machine()}\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
