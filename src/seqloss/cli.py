@@ -98,6 +98,7 @@ def cmd_bench(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .workbench.compare import CompareSettings
     p = argparse.ArgumentParser(prog="seqloss", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -140,10 +141,11 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="runs/compare")
     q.add_argument("--objectives", default="mle;smile",
                    help="';'-separated objectives, e.g. 'mle;smile;mle=0.01,smile=0.99' (default: %(default)s)")
-    q.add_argument("--train-images", type=int, default=1200)
-    q.add_argument("--test-images", type=int, default=100)
-    q.add_argument("--stage1-steps", type=int, default=700, help="MLE steps from scratch (cached)")
-    q.add_argument("--stage2-steps", type=int, default=250, help="fine-tuning steps per objective")
+    defaults = CompareSettings()
+    q.add_argument("--train-images", type=int, default=defaults.train_images)
+    q.add_argument("--test-images", type=int, default=defaults.test_images)
+    q.add_argument("--stage1-steps", type=int, default=defaults.stage1.steps, help="MLE steps from scratch (cached)")
+    q.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps, help="fine-tuning steps per objective")
     q.add_argument("--cache-dir", help="where stage 1 is cached (default: ~/.cache/seqloss)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(run=cmd_compare)

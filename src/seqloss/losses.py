@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -46,12 +47,25 @@ class Plan:
     scalar: bool          # output Σ coef·loss (mean / sum) instead of per-position losses
 
 
+def _zeros(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zero tensor. On CPU it comes from calloc (through NumPy), whose large blocks are pages the
+    kernel has already zeroed: a sparse gradient (list supports write K of V columns) then touches
+    only the pages it writes, instead of a memset over all B·N·V elements."""
+    if device.type != "cpu" or math.prod(shape) == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    element = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(math.prod(shape) * element, dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
+
+
 class _GradBuffer:
     """The one (B, N, V) gradient, written once: the first dense pass copies, later passes add."""
 
     def __init__(self, logits: Tensor, dense_first: bool) -> None:
-        make = torch.empty_like if dense_first else torch.zeros_like
-        self.tensor = make(logits, memory_format=torch.contiguous_format)
+        if dense_first:
+            self.tensor = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        else:
+            self.tensor = _zeros(logits.shape, logits.dtype, logits.device)
         self.fresh = dense_first
 
     def rows(self) -> Tensor:
