@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._validate import COMMON_DEFAULTS, check_common, check_labels, check_linear, check_objective, route_options
-from .losses import Plan, finish, plan_of, reference_loss, resolve_impl, targets_of
+from .losses import Plan, finish, plan_of, reference_loss, resolve_impl, targets_of, zeros
 from .rows import candidates, full_rows, list_rows
 from .support import FullSupport
 
@@ -40,11 +40,32 @@ LIST_BLOCK_ELEMENTS = 1 << 24
 
 @dataclass
 class _Grads:
-    """fp32 accumulators of the three gradients (None where no gradient is wanted)."""
+    """fp32 accumulators of the three gradients (None where no gradient is wanted).
+
+    The weight gradient (V × H, the largest) is created by its first write: a dense chunk update
+    writes ``G.T @ h`` into fresh memory; rows scattered first start from calloc'd zeros.
+    """
 
     hidden: Optional[Tensor]
-    weight: Optional[Tensor]
     bias: Optional[Tensor]
+    want_weight: bool
+    shape: Tuple[int, int]
+    weight: Optional[Tensor] = None
+
+    def add_weight_dense(self, g: Tensor, h: Tensor) -> None:
+        """weight += g.T @ h for a chunk of positions, g (C, V), h (C, H)."""
+        if self.weight is None:
+            self.weight = (g.t() @ h).float()
+        elif g.dtype == torch.float32:
+            self.weight.addmm_(g.t(), h)
+        else:
+            self.weight.add_((g.t() @ h).float())
+
+    def add_weight_rows(self, index: Tensor, rows: Tensor) -> None:
+        """weight[index] += rows (fp32), repeated indices accumulating."""
+        if self.weight is None:
+            self.weight = zeros(self.shape, torch.float32, rows.device)
+        self.weight.index_add_(0, index, rows)
 
 
 def _full_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, alpha: float,
@@ -83,11 +104,8 @@ def _full_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Pla
                 grads.hidden[rows] += (g @ weight).float()
             else:
                 grads.hidden.index_add_(0, idx, (g @ weight).float())
-        if grads.weight is not None:
-            if g.dtype == torch.float32:
-                grads.weight.addmm_(g.t(), h)
-            else:
-                grads.weight.add_((g.t() @ h).float())
+        if grads.want_weight:
+            grads.add_weight_dense(g, h)
         if grads.bias is not None:
             grads.bias.add_(z.sum(0))
 
@@ -134,10 +152,10 @@ def _list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Pla
         if grads.hidden is not None:
             dh = torch.bmm(g_list, w_rows) + g_y * w_y                 # (g, M, H)
             grads.hidden.index_add_(0, flat.flatten(), dh.reshape(-1, H))
-        if grads.weight is not None:
+        if grads.want_weight:
             dw_rows = torch.bmm(g_list.transpose(1, 2), h)              # (g, K, H)
-            grads.weight.index_add_(0, ids_g[sl].clamp(min=0).flatten(), dw_rows.reshape(-1, H))
-            grads.weight.index_add_(0, y.flatten(), (g_y * h).reshape(-1, H))
+            grads.add_weight_rows(ids_g[sl].clamp(min=0).flatten(), dw_rows.reshape(-1, H))
+            grads.add_weight_rows(y.flatten(), (g_y * h).reshape(-1, H))
         if grads.bias is not None:
             grads.bias.index_add_(0, cand.flatten(), g.flatten())
 
@@ -149,9 +167,8 @@ def linear_engine(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: 
     V = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     want = w_all is not None
-    grads = _Grads(torch.zeros(B * N, H, **f32) if want and need[0] else None,
-                   torch.zeros(V, H, **f32) if want and need[1] else None,
-                   torch.zeros(V, **f32) if want and need[2] else None)
+    grads = _Grads(zeros((B * N, H), **f32) if want and need[0] else None,
+                   zeros((V,), **f32) if want and need[2] else None, want and need[1], (V, H))
     loss = torch.zeros(B, N, **f32)
     for alpha, support in plan.members:
         if alpha == 0:
@@ -165,6 +182,8 @@ def linear_engine(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: 
             list_positions = plan.target_mask & ~full_positions
             _full_part(hidden, weight, bias, plan, alpha, None, full_positions, w_all, loss, grads)
         _list_part(hidden, weight, bias, plan, alpha, support.ids, list_positions, w_all, loss, grads)
+    if grads.want_weight and grads.weight is None:  # nothing supervised
+        grads.weight = zeros((V, H), **f32)
     return loss, grads
 
 
@@ -191,17 +210,16 @@ class LinearSupportCrossEntropy(torch.autograd.Function):
             if grads is None:
                 raise RuntimeError("seqloss: backward ran twice through the same linear_loss; recompute the "
                                    "loss instead of retain_graph=True")
-            scale = grad_output.float()
+            scale = None if bool(grad_output == 1) else grad_output.float()
         else:
             _, grads = linear_engine(hidden, weight, bias, ctx.plan, ctx.plan.coef * grad_output.float(), ctx.need)
             scale = None
         out = []
-        for g, like in ((grads.hidden, hidden), (grads.weight, weight), (grads.bias, bias)):
-            if g is None:
-                out.append(None)
-                continue
-            g = g.view_as(like)
-            out.append((g * scale if scale is not None else g).to(like.dtype))
+        for g, like in ((grads.hidden, hidden), (grads.weight if grads.want_weight else None, weight),
+                        (grads.bias, bias)):
+            if g is not None and scale is not None:
+                g.mul_(scale)  # the buffers are ours: scale in place, no second V × H tensor
+            out.append(None if g is None else g.view_as(like).to(like.dtype))
         return (*out, None)
 
 

@@ -47,10 +47,10 @@ class Plan:
     scalar: bool          # output Σ coef·loss (mean / sum) instead of per-position losses
 
 
-def _zeros(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+def zeros(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A zero tensor. On CPU it comes from calloc (through NumPy), whose large blocks are pages the
-    kernel has already zeroed: a sparse gradient (list supports write K of V columns) then touches
-    only the pages it writes, instead of a memset over all B·N·V elements."""
+    kernel has already zeroed: a sparse gradient (list supports write K of V columns, or K of V head
+    rows) then touches only the pages it writes, instead of a memset over every element."""
     if device.type != "cpu" or math.prod(shape) == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
     element = torch.empty((), dtype=dtype).element_size()
@@ -65,7 +65,7 @@ class _GradBuffer:
         if dense_first:
             self.tensor = torch.empty_like(logits, memory_format=torch.contiguous_format)
         else:
-            self.tensor = _zeros(logits.shape, logits.dtype, logits.device)
+            self.tensor = zeros(logits.shape, logits.dtype, logits.device)
         self.fresh = dense_first
 
     def rows(self) -> Tensor:
