@@ -27,12 +27,12 @@ class CompareSettings:
     """The embedded default: sized to finish in minutes on 2 CPU cores."""
 
     objectives: List[Any] = field(default_factory=lambda: ["mle", "smile"])
-    train_images: int = 1000
+    train_images: int = 2000
     test_images: int = 100
     seed: int = 0
     image_size: int = 64
-    stage1: TrainSettings = field(default_factory=lambda: TrainSettings(objective="mle", steps=600))
-    stage2_steps: int = 200
+    stage1: TrainSettings = field(default_factory=lambda: TrainSettings(objective="mle", steps=1500))
+    stage2_steps: int = 400
     stage2_learning_rate: float = 5e-4
     generation: Generation = field(default_factory=Generation)
 

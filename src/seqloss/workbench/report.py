@@ -24,7 +24,7 @@ def table(metrics: Dict[str, Dict[str, float]]) -> str:
 def _fmt(value: Any) -> str:
     if value is None:
         return ""
-    return f"{value:.0f}" if isinstance(value, int) or float(value).is_integer() and value > 10 else f"{value:.3f}"
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
 
 
 def _plots(out_dir: Path, results: Dict[str, Dict[str, Any]], evaluation: Any) -> List[str]:
