@@ -1,0 +1,36 @@
+"""The captioner: a small BLIP from a config, saved and loaded like any HF BLIP directory."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from seqloss.workbench import scenes  # noqa: E402
+from seqloss.workbench.model import load_captioner, new_captioner  # noqa: E402
+from seqloss.workbench.tokenizer import scene_tokenizer  # noqa: E402
+
+
+def test_encode_follows_blips_decoder_convention():
+    captioner = new_captioner(scene_tokenizer())
+    batch = captioner.encode(["a red circle", "a large blue square on the left"])
+    bos, sep = captioner.model.config.text_config.bos_token_id, captioner.tokenizer.sep_token_id
+    assert (batch["input_ids"][:, 0] == bos).all()
+    assert batch["input_ids"][0, 4] == sep and (batch["labels"][0, 5:] == -100).all()
+
+
+def test_save_and_load_round_trip_and_both_decoders(tmp_path):
+    captioner = new_captioner(scene_tokenizer())
+    images = [e.image for e in scenes.generate(2)]
+    beams = captioner.caption(images, num_beams=2, max_new_tokens=6)
+    loaded = load_captioner(captioner.save(tmp_path / "model"))
+    assert loaded.caption(images, num_beams=2, max_new_tokens=6) == beams
+    sampled = loaded.caption(images, top_p=0.9, max_new_tokens=6, seed=1)
+    assert sampled == loaded.caption(images, top_p=0.9, max_new_tokens=6, seed=1)   # seeded
+    assert all(isinstance(c, str) for c in sampled) and len(sampled) == 2
+    for key, value in captioner.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value)
+
+
+def test_loading_a_folder_that_is_not_a_model_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        load_captioner(tmp_path)
