@@ -42,8 +42,8 @@ LIST_BLOCK_ELEMENTS = 1 << 24
 class _Grads:
     """fp32 accumulators of the three gradients (None where no gradient is wanted).
 
-    The weight gradient (V × H, the largest) is created by its first write: a dense chunk update
-    writes ``G.T @ h`` into fresh memory; rows scattered first start from calloc'd zeros.
+    The weight gradient (V × H, the largest) is allocated by its first update, from ``zeros``
+    (huge pages, already zeroed by the kernel).
     """
 
     hidden: Optional[Tensor]
@@ -55,8 +55,8 @@ class _Grads:
     def add_weight_dense(self, g: Tensor, h: Tensor) -> None:
         """weight += g.T @ h for a chunk of positions, g (C, V), h (C, H)."""
         if self.weight is None:
-            self.weight = (g.t() @ h).float()
-        elif g.dtype == torch.float32:
+            self.weight = zeros(self.shape, torch.float32, g.device)
+        if g.dtype == torch.float32:
             self.weight.addmm_(g.t(), h)
         else:
             self.weight.add_((g.t() @ h).float())
