@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._validate import COMMON_DEFAULTS, check_common, check_labels, check_linear, check_objective, route_options
-from .losses import Plan, finish, plan_of, reference_loss, resolve_impl, targets_of, zeros
+from .losses import Plan, finish, mostly, plan_of, reference_loss, resolve_impl, targets_of, zeros
 from .rows import candidates, full_rows, list_rows
 from .support import FullSupport
 
@@ -78,7 +78,7 @@ def _full_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Pla
     """
     B, N, H = hidden.shape
     V = weight.shape[0]
-    dense = 2 * int(positions.sum()) >= positions.numel()
+    dense = mostly(positions)
     flat = torch.arange(B * N, device=hidden.device) if dense else positions.flatten().nonzero().squeeze(1)
     chunk = max(MIN_CHUNK_POSITIONS, FUSED_CHUNK_ELEMENTS // V)
     h_all = hidden.reshape(B * N, H)

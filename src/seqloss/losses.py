@@ -84,9 +84,14 @@ def _flat(logits: Tensor) -> Optional[Tensor]:
         return None
 
 
+def mostly(positions: Tensor) -> bool:
+    """Whether at least half of the positions are set: then streaming every position in order
+    (slices, no gathers) beats visiting only the listed ones."""
+    return 2 * int(positions.sum()) >= positions.numel()
+
+
 def _is_dense(logits: Tensor, positions: Tensor) -> bool:
-    """Stream every position in order (no gather, no memset) when at least half of them need it."""
-    return _flat(logits) is not None and 2 * int(positions.sum()) >= positions.numel()
+    return _flat(logits) is not None and mostly(positions)
 
 
 def _full_part(logits: Tensor, plan: Plan, alpha: float, exclude: Optional[Tensor], positions: Tensor,
