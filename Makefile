@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[dev,hf]"
+	$(PIP) install --quiet -e ".[dev,hf,triton]"
 	touch $(STAMP)
 
 # The main job on the embedded default: MLE vs SMILE fine-tuning of a small BLIP on generated scenes.

@@ -5,6 +5,12 @@ this module never collides with another directory's ``conftest``).
 """
 from __future__ import annotations
 
+import os
+
+# The Triton kernels are tested on CPU tensors by Triton's interpreter, which has to be chosen before
+# Triton is first imported (transformers' Trainer imports it), hence here, before anything else.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -138,15 +144,15 @@ def output_shape(reduction: str, lead: Tuple[int, ...], N: int) -> Tuple[int, ..
 
 
 def compare_impls(name: str, logits: Tensor, labels: Tensor, *, grad_output: Optional[Tensor] = None, seed: int = 0,
-                  **common: Any) -> Tuple[Tensor, Tensor]:
-    """Run impl="torch" and impl="reference" on the same fp32 inputs; assert values and gradients match."""
+                  impl: str = "torch", **common: Any) -> Tuple[Tensor, Tensor]:
+    """Run ``impl`` and impl="reference" on the same fp32 inputs; assert values and gradients match."""
     V = logits.shape[-1]
     results = {}
-    for impl in ("torch", "reference"):
-        results[impl] = loss_and_grad(seqloss.objective_loss, logits, labels, grad_output=grad_output,
-                                      objective=objective_of(name), impl=impl, **common,
+    for path in (impl, "reference"):
+        results[path] = loss_and_grad(seqloss.objective_loss, logits, labels, grad_output=grad_output,
+                                      objective=objective_of(name), impl=path, **common,
                                       **options_of(name, labels, V, seed))
-    (fast, fast_grad), (ref, ref_grad) = results["torch"], results["reference"]
+    (fast, fast_grad), (ref, ref_grad) = results[impl], results["reference"]
     assert fast.shape == ref.shape
     assert fast.dtype == torch.float32
     assert fast_grad.dtype == logits.dtype and fast_grad.shape == logits.shape

@@ -7,8 +7,9 @@
   or a single position) and multiplied in a batched matmul — K/V of the FLOPs and memory. The
   weight gradient is scattered back with ``index_add_``.
 * Full supports (MLE, reverse subsets, selective EOS, ``exclude``, SMILE's first token) run over
-  chunks of positions: chunk logits ``h_c @ W.T``, the shared per-row math of ``rows.py``, then the
-  gradients ``G @ W`` and ``G.T @ h_c`` in the same loop (6·N·H·V FLOPs, no recomputation).
+  chunks of the positions with a target: chunk logits ``h_c @ W.T`` into one reused buffer, the
+  shared per-row math of ``rows.py``, then the gradients ``G @ W`` and ``G.T @ h_c`` in the same
+  loop (6·N·H·V FLOPs, no recomputation).
 
 With ``reduction="mean"`` or ``"sum"`` the gradients are computed in the forward pass and backward
 only scales them. With ``"none"``/``"sequence"`` the per-position weights are known only in
@@ -18,16 +19,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import kernels
 from ._validate import COMMON_DEFAULTS, check_common, check_labels, check_linear, check_objective, route_options
-from .losses import Plan, finish, mostly, plan_of, reference_loss, resolve_impl, targets_of, zeros
+from .losses import Plan, finish, plan_of, reference_loss, resolve_impl, support_parts, targets_of, zeros
 from .rows import candidates, full_rows, list_rows
-from .support import FullSupport
 
 # Positions per chunk of the full-vocabulary pass: about this many fp32 logits (128 MiB), but never
 # fewer than MIN_CHUNK_POSITIONS positions, so that the chunk matmuls stay efficient and the weight
@@ -52,14 +53,28 @@ class _Grads:
     shape: Tuple[int, int]
     weight: Optional[Tensor] = None
 
-    def add_weight_dense(self, g: Tensor, h: Tensor) -> None:
-        """weight += g.T @ h for a chunk of positions, g (C, V), h (C, H)."""
-        if self.weight is None:
-            self.weight = zeros(self.shape, torch.float32, g.device)
-        if g.dtype == torch.float32:
-            self.weight.addmm_(g.t(), h)
-        else:
-            self.weight.add_((g.t() @ h).float())
+    def add_dense(self, idx: Tensor, z: Tensor, h: Tensor, weight: Tensor) -> None:
+        """Gradients from full rows: positions ``idx`` (C,), z (C, V) fp32 = dloss/dlogits, h (C, H)."""
+        g = z.to(weight.dtype)
+        if self.hidden is not None:
+            self.hidden.index_add_(0, idx, (g @ weight).float())
+        if self.want_weight:
+            if self.weight is None:
+                self.weight = zeros(self.shape, torch.float32, g.device)
+            if g.dtype == torch.float32:
+                self.weight.addmm_(g.t(), h)
+            else:
+                self.weight.add_((g.t() @ h).float())
+        if self.bias is not None:
+            self.bias.add_(z.sum(0))
+
+    @classmethod
+    def allocate(cls, positions: int, width: int, vocab_size: int, device: torch.device, want: bool,
+                 need: Tuple[bool, bool, bool]) -> "_Grads":
+        """Zeroed accumulators for the gradients ``need`` asks for (hidden, weight, bias), if ``want``."""
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(zeros((positions, width), **f32) if want and need[0] else None,
+                   zeros((vocab_size,), **f32) if want and need[2] else None, want and need[1], (vocab_size, width))
 
     def add_weight_rows(self, index: Tensor, rows: Tensor) -> None:
         """weight[index] += rows (fp32), repeated indices accumulating."""
@@ -68,46 +83,54 @@ class _Grads:
         self.weight.index_add_(0, index, rows)
 
 
+def _product(a: Tensor, b: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
+    """``out`` (fp32) ← a @ b + bias, with no temporary when the inputs are fp32."""
+    if a.dtype != torch.float32:
+        return out.copy_(a @ b if bias is None else torch.addmm(bias, a, b))
+    return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], buffer: Tensor) -> Tensor:
+    """Chunk logits ``h @ weight.T + bias`` (C, V) fp32, written into ``buffer`` (no fresh tensor to fault in).
+
+    A chunk of fewer than MIN_CHUNK_POSITIONS positions (SMILE's first tokens, a remainder) is
+    computed as ``weight @ h.T`` into a (V, C) layout and returned transposed: that product streams
+    the weight once, ~3× faster for a few positions. Larger chunks keep the row layout, in which
+    the row math is fastest. Both gradient products take either layout as it is.
+    """
+    C, V = h.shape[0], weight.shape[0]
+    if C < MIN_CHUNK_POSITIONS:
+        col_bias = None if bias is None else bias.unsqueeze(1)
+        return _product(weight, h.t(), col_bias, buffer[:V * C].view(V, C)).t()
+    return _product(h, weight.t(), bias, buffer[:C * V].view(C, V))
+
+
 def _full_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, alpha: float,
                exclude: Optional[Tensor], positions: Tensor, w_all: Optional[Tensor], loss: Tensor,
                grads: _Grads) -> None:
     """Positions whose support is every id but ``exclude``: chunked logits, loss and gradients.
 
-    When most positions need it, chunks are contiguous ranges of all positions (those without a
-    target get weight 0), so hidden rows are sliced and their gradient accumulated in place.
+    Only the listed positions are visited: a position costs 6·H·V FLOPs, gathering its hidden row
+    next to nothing. One buffer holds every chunk's logits, then its gradient.
     """
     B, N, H = hidden.shape
     V = weight.shape[0]
-    dense = mostly(positions)
-    flat = torch.arange(B * N, device=hidden.device) if dense else positions.flatten().nonzero().squeeze(1)
-    chunk = max(MIN_CHUNK_POSITIONS, FUSED_CHUNK_ELEMENTS // V)
+    flat = positions.flatten().nonzero().squeeze(1)
+    chunk = max(1, min(flat.numel(), max(MIN_CHUNK_POSITIONS, FUSED_CHUNK_ELEMENTS // V)))
+    buffer = torch.empty(chunk * V, dtype=torch.float32, device=hidden.device)
     h_all = hidden.reshape(B * N, H)
     for start in range(0, flat.numel(), chunk):
         idx = flat[start:start + chunk]
-        rows = slice(start, start + idx.numel())
         b, n = idx // N, idx % N
-        h = h_all[rows] if dense else h_all[idx]                       # (C, H)
-        z = (torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()).float()  # (C, V)
+        h = h_all[idx]                                                 # (C, H)
+        z = _logits(h, weight, bias, buffer)                           # (C, V) fp32
         y = plan.labels[b, n].unsqueeze(1)
-        on = positions[b, n].unsqueeze(1)
         ex = None if exclude is None else exclude[b, n if exclude.shape[1] > 1 else 0]
-        w = None if w_all is None else alpha * w_all[b, n].unsqueeze(1) * on
+        w = None if w_all is None else alpha * w_all[b, n].unsqueeze(1)
         tok = full_rows(z, y, ex, plan.label_smoothing, w)             # z becomes dloss/dlogits
-        loss.view(-1).index_add_(0, idx, alpha * torch.where(on, tok, 0.0).squeeze(1))
-        if w is None:
-            continue
-        g = z.to(weight.dtype)
-        if grads.hidden is not None:
-            if dense and g.dtype == torch.float32:
-                grads.hidden[rows].addmm_(g, weight)
-            elif dense:
-                grads.hidden[rows] += (g @ weight).float()
-            else:
-                grads.hidden.index_add_(0, idx, (g @ weight).float())
-        if grads.want_weight:
-            grads.add_weight_dense(g, h)
-        if grads.bias is not None:
-            grads.bias.add_(z.sum(0))
+        loss.view(-1).index_add_(0, idx, alpha * tok.squeeze(1))
+        if w is not None:
+            grads.add_dense(idx, z, h, weight)
 
 
 def _groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor, w_all: Optional[Tensor]):
@@ -150,7 +173,7 @@ def _list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Pla
             continue
         g_list, g_y = g[..., :K], g[..., K:]
         if grads.hidden is not None:
-            dh = torch.bmm(g_list, w_rows) + g_y * w_y                 # (g, M, H)
+            dh = torch.baddbmm(g_y * w_y, g_list, w_rows)               # (g, M, H)
             grads.hidden.index_add_(0, flat.flatten(), dh.reshape(-1, H))
         if grads.want_weight:
             dw_rows = torch.bmm(g_list.transpose(1, 2), h)              # (g, K, H)
@@ -165,25 +188,15 @@ def linear_engine(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: 
     """Per-position losses (B, N) and, when ``w_all`` (B, N) is given, the gradients of Σ w·loss."""
     B, N, H = hidden.shape
     V = weight.shape[0]
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    want = w_all is not None
-    grads = _Grads(zeros((B * N, H), **f32) if want and need[0] else None,
-                   zeros((V,), **f32) if want and need[2] else None, want and need[1], (V, H))
-    loss = torch.zeros(B, N, **f32)
-    for alpha, support in plan.members:
-        if alpha == 0:
-            continue
-        if isinstance(support, FullSupport):
-            _full_part(hidden, weight, bias, plan, alpha, support.exclude, plan.target_mask, w_all, loss, grads)
-            continue
-        list_positions = plan.target_mask
-        if support.full_positions is not None:
-            full_positions = support.full_positions & plan.target_mask
-            list_positions = plan.target_mask & ~full_positions
-            _full_part(hidden, weight, bias, plan, alpha, None, full_positions, w_all, loss, grads)
-        _list_part(hidden, weight, bias, plan, alpha, support.ids, list_positions, w_all, loss, grads)
+    grads = _Grads.allocate(B * N, H, V, hidden.device, w_all is not None, need)
+    loss = torch.zeros(B, N, dtype=torch.float32, device=hidden.device)
+    for part in support_parts(plan):
+        if part.ids is None:
+            _full_part(hidden, weight, bias, plan, part.alpha, part.exclude, part.positions, w_all, loss, grads)
+        else:
+            _list_part(hidden, weight, bias, plan, part.alpha, part.ids, part.positions, w_all, loss, grads)
     if grads.want_weight and grads.weight is None:  # nothing supervised
-        grads.weight = zeros((V, H), **f32)
+        grads.weight = zeros((V, H), torch.float32, hidden.device)
     return loss, grads
 
 
@@ -192,11 +205,12 @@ class LinearSupportCrossEntropy(torch.autograd.Function):
     outputs: gradients recomputed in backward with the incoming weights."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan,
+                engine: Callable) -> Tensor:
         need = tuple(ctx.needs_input_grad[:3])
         eager = plan.scalar and any(need)
-        loss, grads = linear_engine(hidden, weight, bias, plan, plan.coef if eager else None, need)
-        ctx.plan, ctx.need = plan, need
+        loss, grads = engine(hidden, weight, bias, plan, plan.coef if eager else None, need)
+        ctx.plan, ctx.need, ctx.engine = plan, need, engine
         ctx.grads = grads if eager else None
         ctx.save_for_backward(hidden, weight, bias)
         return (loss * plan.coef).sum() if plan.scalar else loss
@@ -212,7 +226,7 @@ class LinearSupportCrossEntropy(torch.autograd.Function):
                                    "loss instead of retain_graph=True")
             scale = None if bool(grad_output == 1) else grad_output.float()
         else:
-            _, grads = linear_engine(hidden, weight, bias, ctx.plan, ctx.plan.coef * grad_output.float(), ctx.need)
+            _, grads = ctx.engine(hidden, weight, bias, ctx.plan, ctx.plan.coef * grad_output.float(), ctx.need)
             scale = None
         out = []
         for g, like in ((grads.hidden, hidden), (grads.weight if grads.want_weight else None, weight),
@@ -220,7 +234,7 @@ class LinearSupportCrossEntropy(torch.autograd.Function):
             if g is not None and scale is not None:
                 g.mul_(scale)  # the buffers are ours: scale in place, no second V × H tensor
             out.append(None if g is None else g.view_as(like).to(like.dtype))
-        return (*out, None)
+        return (*out, None, None)
 
 
 def linear_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
@@ -242,8 +256,10 @@ def linear_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optiona
     B = math.prod(lead)
     hidden3, labels2 = hidden.reshape(B, N, H), labels.reshape(B, N)
     targets = targets_of(labels2, common, V)
-    if resolve_impl(common.impl, hidden) == "reference":
+    impl = resolve_impl(common.impl, hidden)
+    if impl == "reference":
         out = reference_loss(torch.nn.functional.linear(hidden3, weight, bias), targets, members, common)
     else:
-        out = LinearSupportCrossEntropy.apply(hidden3, weight, bias, plan_of(targets, members, common))
+        engine = kernels.linear_engine() if impl == "triton" else linear_engine
+        out = LinearSupportCrossEntropy.apply(hidden3, weight, bias, plan_of(targets, members, common), engine)
     return finish(out, common, lead, N)

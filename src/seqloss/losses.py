@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 import mmap
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import kernels, reference
 from ._validate import Common, Member
 from .rows import candidates, full_rows, list_rows
 from .support import OBJECTIVES, FullSupport, Targets, shift_labels
@@ -151,24 +151,47 @@ def _list_part(logits: Tensor, plan: Plan, alpha: float, ids: Tensor, positions:
         grad.tensor.scatter_add_(2, cand, g.to(grad.tensor.dtype))
 
 
-def engine_forward(logits: Tensor, plan: Plan, need_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """Per-position losses (B, N) fp32 and, if asked, the gradient of Σ coef·loss w.r.t. logits."""
-    loss = torch.zeros(plan.labels.shape, dtype=torch.float32, device=logits.device)
-    active = [(alpha, support) for alpha, support in plan.members if alpha != 0]
-    grad = None
-    if need_grad:
-        first = active[0][1] if active else None
-        grad = _GradBuffer(logits, isinstance(first, FullSupport) and _is_dense(logits, plan.target_mask))
-    for alpha, support in active:
+class SupportPart(NamedTuple):
+    """One part of a member's support over some positions (B, N): a full part (``ids`` None: every
+    id but ``exclude``) or a list part (the label plus ``ids``)."""
+
+    alpha: float
+    exclude: Optional[Tensor]
+    ids: Optional[Tensor]
+    positions: Tensor
+
+
+def support_parts(plan: Plan) -> List[SupportPart]:
+    """The parts of the plan's members in order — the one place that splits SMILE's first tokens
+    (all V ids) from its list positions; every engine walks this list."""
+    parts = []
+    for alpha, support in plan.members:
+        if alpha == 0:
+            continue
         if isinstance(support, FullSupport):
-            _full_part(logits, plan, alpha, support.exclude, plan.target_mask, loss, grad)
+            parts.append(SupportPart(alpha, support.exclude, None, plan.target_mask))
             continue
         list_positions = plan.target_mask
         if support.full_positions is not None:
             full_positions = support.full_positions & plan.target_mask
             list_positions = plan.target_mask & ~full_positions
-            _full_part(logits, plan, alpha, None, full_positions, loss, grad)
-        _list_part(logits, plan, alpha, support.ids, list_positions, loss, grad)
+            parts.append(SupportPart(alpha, None, None, full_positions))
+        parts.append(SupportPart(alpha, None, support.ids, list_positions))
+    return parts
+
+
+def engine_forward(logits: Tensor, plan: Plan, need_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Per-position losses (B, N) fp32 and, if asked, the gradient of Σ coef·loss w.r.t. logits."""
+    loss = torch.zeros(plan.labels.shape, dtype=torch.float32, device=logits.device)
+    parts = support_parts(plan)
+    grad = None
+    if need_grad:
+        grad = _GradBuffer(logits, bool(parts) and parts[0].ids is None and _is_dense(logits, parts[0].positions))
+    for part in parts:
+        if part.ids is None:
+            _full_part(logits, plan, part.alpha, part.exclude, part.positions, loss, grad)
+        else:
+            _list_part(logits, plan, part.alpha, part.ids, part.positions, loss, grad)
     return loss, (grad.tensor if grad is not None else None)
 
 
@@ -176,8 +199,8 @@ class SupportCrossEntropy(torch.autograd.Function):
     """Cross-entropy over per-position supports; the gradient is made in forward, scaled in backward."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, plan: Plan) -> Tensor:
-        loss, grad = engine_forward(logits, plan, need_grad=ctx.needs_input_grad[0])
+    def forward(ctx, logits: Tensor, plan: Plan, engine: Callable) -> Tensor:
+        loss, grad = engine(logits, plan, ctx.needs_input_grad[0])
         ctx.grad = grad
         ctx.scalar = plan.scalar
         return (loss * plan.coef).sum() if plan.scalar else loss
@@ -195,7 +218,7 @@ class SupportCrossEntropy(torch.autograd.Function):
                 grad.mul_(grad_output.to(grad.dtype))
         else:
             grad.mul_(grad_output.unsqueeze(-1).to(grad.dtype))
-        return grad, None
+        return grad, None, None
 
 
 # --- dispatch ----------------------------------------------------------------------------------
@@ -213,11 +236,16 @@ def position_weights(target_mask: Tensor, c: Common) -> Tensor:
     return weights / denominator
 
 
-def resolve_impl(impl: str, logits: Tensor) -> str:
-    """The one place that decides which implementation runs."""
+def resolve_impl(impl: str, tensor: Tensor) -> str:
+    """The one place that decides which implementation runs.
+
+    ``"auto"`` is ``"torch"``: the Triton kernels are verified (under Triton's interpreter) but not
+    yet timed on a GPU, so nothing picks them unless asked for by name.
+    """
     if impl == "triton":
-        raise ValueError("impl='triton' is not available in this version of seqloss; "
-                         "use impl='torch' (any device) or impl='auto'")
+        reason = kernels.unavailable_reason(tensor.device)
+        if reason is not None:
+            raise ValueError(f"impl='triton' cannot run: {reason}; use impl='torch' or impl='auto'")
     return "torch" if impl == "auto" else impl
 
 
@@ -254,8 +282,10 @@ def dispatch(logits: Tensor, labels: Tensor, members: List[Member], c: Common) -
     B = math.prod(lead)
     targets = targets_of(labels.reshape(B, N), c, V)
     logits = logits.reshape(B, N, V)
-    if resolve_impl(c.impl, logits) == "reference":
+    impl = resolve_impl(c.impl, logits)
+    if impl == "reference":
         out = reference_loss(logits, targets, members, c)
     else:
-        out = SupportCrossEntropy.apply(logits, plan_of(targets, members, c))
+        engine = kernels.logits_engine() if impl == "triton" else engine_forward
+        out = SupportCrossEntropy.apply(logits, plan_of(targets, members, c), engine)
     return finish(out, c, tuple(lead), N)

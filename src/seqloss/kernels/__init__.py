@@ -1,0 +1,32 @@
+"""Optional Triton kernels behind ``impl="triton"``, imported only when that impl runs.
+
+They run on CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``,
+set before the first Triton kernel is defined), which is how the test suite checks them.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Callable, Optional
+
+import torch
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why the kernels cannot run on ``device`` here, or None when they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install 'seqloss[triton]')"
+    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    return (f"the Triton kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
+            f"and these are on {device.type!r}")
+
+
+def logits_engine() -> Callable:
+    from .engine import logits_forward
+    return logits_forward
+
+
+def linear_engine() -> Callable:
+    from .engine import linear_forward
+    return linear_forward

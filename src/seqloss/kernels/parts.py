@@ -1,0 +1,125 @@
+"""Support rules → kernel launches: parts, launch shapes, and the merge of split statistics.
+
+A plan's members are turned into *parts*, each one launch of the kernels in ``support_ce.py``:
+
+* a full part — every listed position scores all V ids, minus an exclusion bitmap (one row of V
+  flags per batch row, or per position when exclusions are per position);
+* a list part — positions grouped by the list they share (a batch row for (B, 1, K) lists, a single
+  position for (B, N, K) lists), scoring the label plus the list's ids.
+
+The host turns each part's statistics into losses; the kernels never see objectives or mixtures.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..losses import Plan, mostly, support_parts
+
+
+@dataclass
+class Part:
+    """One launch: ``rows`` (G, M) flat positions (-1 = empty slot), and the columns they score."""
+
+    rows: Tensor                   # (G, M) long
+    positions: Tensor              # (B, N) bool: the positions this part scores
+    cols: Optional[Tensor] = None  # (G, K) long ids, PAD = -1; None = all V ids
+    bitmap: Optional[Tensor] = None  # (R, V) int8, 1 = excluded id
+    brows: Optional[Tensor] = None   # (G, M) long: the bitmap row of each slot
+    covers_all: bool = False         # every position of the batch is a slot (weight 0 where off)
+
+    @property
+    def slots(self) -> Tensor:
+        return self.rows.reshape(-1)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Launch shape: tile sizes and how many programs share a slot's columns in the stats pass."""
+
+    m: int
+    c: int
+    h: int
+    splits: int
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def blocks_for(part: Part, columns: int, fused: bool, device: torch.device) -> Blocks:
+    """Tile sizes for a part. Under the interpreter: small tiles and two splits, so that tests at
+    small shapes go through every loop and the split merge. On a GPU: tensor-core tiles for the
+    fused head, wide rows for the logits path, and enough splits to fill the multiprocessors."""
+    G, M = part.rows.shape
+    if interpreting():
+        m = 16 if fused else 4
+        c, h = 16, 16
+        return Blocks(m, c, h, splits=2 if columns > c else 1)
+    m = (64 if M >= 64 else 16) if fused else 4
+    c = 128 if fused else 2048
+    c = min(c, max(16, 1 << max(columns - 1, 1).bit_length()))
+    programs = G * -(-M // m)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    blocks = -(-columns // c)
+    return Blocks(m, c, 64, splits=max(1, min(blocks, -(-4 * sms // programs))))
+
+
+def _bitmap(exclude: Tensor, vocab_size: int) -> Tensor:
+    """(B, 1 or N, K) PAD-padded exclusion lists → (B or B·N, V) int8 flags."""
+    flat = exclude.reshape(-1, exclude.shape[-1])
+    counts = torch.zeros(flat.shape[0], vocab_size, dtype=torch.int32, device=exclude.device)
+    counts.scatter_add_(1, flat.clamp(min=0), (flat >= 0).to(torch.int32))
+    return (counts > 0).to(torch.int8)
+
+
+def full_part(exclude: Optional[Tensor], positions: Tensor, vocab_size: int, cover_all: bool) -> Part:
+    """Positions (B, N) bool scoring every id but ``exclude``; with ``cover_all`` (and most positions
+    set) every position becomes a slot, so that the launch writes every row of a fresh gradient."""
+    B, N = positions.shape
+    every = cover_all and mostly(positions)
+    flat = torch.arange(B * N, device=positions.device) if every else positions.reshape(-1).nonzero().squeeze(1)
+    part = Part(flat.unsqueeze(0), positions, covers_all=every)
+    if exclude is not None:
+        part.bitmap = _bitmap(exclude, vocab_size)
+        part.brows = part.rows // N if exclude.shape[1] == 1 else part.rows
+    return part
+
+
+def list_part(ids: Tensor, positions: Tensor) -> Part:
+    """Positions (B, N) bool scoring their label plus ``ids`` (B, 1 or N, K)."""
+    B, N = positions.shape
+    flat = torch.arange(B * N, device=positions.device).reshape(B, N)
+    rows = torch.where(positions, flat, -1)
+    if ids.shape[1] == 1:
+        return Part(rows, positions, cols=ids[:, 0].contiguous())
+    return Part(rows.reshape(B * N, 1), positions, cols=ids.reshape(B * N, ids.shape[-1]).contiguous())
+
+
+def parts_of(plan: Plan, vocab_size: int, cover_first: bool) -> Iterator[Tuple[float, Part]]:
+    """(weight, part) for every launch the plan needs; with ``cover_first`` the first part may
+    cover every position (see :func:`full_part`)."""
+    for i, part in enumerate(support_parts(plan)):
+        if part.ids is None:
+            yield part.alpha, full_part(part.exclude, part.positions, vocab_size, cover_first and i == 0)
+        else:
+            yield part.alpha, list_part(part.ids, part.positions)
+
+
+def combine(stats: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Split statistics (4, S, P): max, Σ exp(z - max), Σ z, count → lse, Σ z, count per slot."""
+    m, s, zsum, size = stats
+    top = m.amax(0)
+    lse = top + (s * (m - top).exp()).sum(0).log()
+    return lse, zsum.sum(0), size.sum(0)
+
+
+def slot_values(part: Part, per_position: Tensor) -> Tensor:
+    """A (B, N) per-position tensor read at every slot (0 at empty slots)."""
+    slots = part.slots
+    values = per_position.reshape(-1)[slots.clamp(min=0)]
+    return torch.where(slots >= 0, values, torch.zeros((), dtype=values.dtype, device=values.device))

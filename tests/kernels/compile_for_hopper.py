@@ -1,0 +1,58 @@
+"""Compile every kernel variant the engines launch, for an H100 (sm_90), with Triton's bundled ptxas.
+
+Run as a script, in a process without TRITON_INTERPRET (the test sets that up): no GPU is needed,
+and it catches what the interpreter does not check — compiled-mode typing, constexpr rules, shapes
+that tensor-core dots accept. Prints one line per compiled variant.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from seqloss.kernels import support_ce as kern
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "compiling needs Triton without its interpreter"
+
+POINTERS = dict(rows_ptr="*i64", labels_ptr="*i64", brows_ptr="*i64", cols_ptr="*i64", bitmap_ptr="*i8",
+                max_ptr="*fp32", sum_ptr="*fp32", zsum_ptr="*fp32", size_ptr="*fp32", zy_ptr="*fp32",
+                coef_ptr="*fp32", lse_ptr="*fp32", gw_ptr="*fp32", gb_ptr="*fp32", eps="fp32")
+
+
+def compile_variant(fn, dtype: str, fused: bool, constants: dict) -> None:
+    types = dict(POINTERS, x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}",
+                 gx_ptr="*fp32" if fused else f"*{dtype}")
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"], fn.__name__
+    print("ok", fn.__name__, dtype, {k: v for k, v in constants.items() if isinstance(v, bool) and v})
+
+
+def main() -> None:
+    dtype = "bf16"
+    for fused, listed in itertools.product((True, False), (True, False)):
+        blocks = dict(BLOCK_M=64, BLOCK_C=128, BLOCK_H=64) if fused else dict(BLOCK_M=4, BLOCK_C=2048, BLOCK_H=64)
+        common = dict(LIST=listed, EXCLUDE=not listed, FUSED=fused, HAS_BIAS=True, UPCAST=False, PRECISION="tf32",
+                      **blocks)
+        compile_variant(kern._stats_kernel, dtype, fused, common)
+        compile_variant(kern._grad_kernel, dtype, fused,
+                        dict(common, STORE=not listed, GRAD_X=True, GRAD_W=fused, GRAD_B=fused,
+                             FILTER=2.0 ** -12 if fused else 0.0))
+    for fused in (True, False):
+        compile_variant(kern._label_grad_kernel, dtype, fused,
+                        dict(FUSED=fused, GRAD_X=True, GRAD_W=fused, GRAD_B=fused, BLOCK_M=64 if fused else 4,
+                             BLOCK_H=64))
+    # fp32 inputs take IEEE-precision dots.
+    compile_variant(kern._grad_kernel, "fp32", True,
+                    dict(LIST=True, EXCLUDE=False, FUSED=True, HAS_BIAS=False, UPCAST=False, PRECISION="ieee",
+                         STORE=False, GRAD_X=True, GRAD_W=True, GRAD_B=False, FILTER=0.0,
+                         BLOCK_M=16, BLOCK_C=128, BLOCK_H=64))
+
+
+if __name__ == "__main__":
+    main()
