@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -18,7 +18,7 @@ from torch import Tensor
 from ..linear import _Grads
 from ..losses import Plan, zeros
 from . import support_ce as kern
-from .parts import Part, blocks_for, combine, interpreting, parts_of, slot_values
+from .parts import Blocks, Part, blocks_for, combine, interpreting, parts_of, slot_values
 
 
 @dataclass
@@ -64,11 +64,10 @@ def _layout(part: Part, src: Source) -> Tuple[int, int, int, Tensor, Tensor, Ten
     return G, M, C, cols, brows, bitmap
 
 
-def statistics(src: Source, part: Part, labels: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """lse, Σ z, support size and label logit of every slot of a part (each (P,) fp32)."""
     G, M, C, cols, brows, bitmap = _layout(part, src)
     P = G * M
-    blocks = blocks_for(part, C, src.fused, src.x.device)
     per_split = triton.cdiv(triton.cdiv(C, blocks.c), blocks.splits)
     splits = triton.cdiv(triton.cdiv(C, blocks.c), per_split)
     out = torch.empty(4, splits, P, dtype=torch.float32, device=src.x.device)
@@ -83,12 +82,12 @@ def statistics(src: Source, part: Part, labels: Tensor) -> Tuple[Tensor, Tensor,
     return lse, zsum, size, z_y
 
 
-def gradients(src: Source, part: Part, labels: Tensor, coef: Tensor, lse: Tensor, size: Tensor, z_y: Tensor,
-              eps: float, gx: Optional[Tensor], gw: Optional[Tensor], gb: Optional[Tensor], store: bool) -> None:
+def gradients(src: Source, part: Part, blocks: Blocks, labels: Tensor, coef: Tensor, lse: Tensor, size: Tensor,
+              z_y: Tensor, eps: float, gx: Optional[Tensor], gw: Optional[Tensor], gb: Optional[Tensor],
+              store: bool) -> None:
     """Add (or, with ``store``, write) the gradient of Σ coef·loss over a part's slots into the
     logits' gradient ``gx`` (logits path) or into the hidden/weight/bias gradients (fused)."""
     G, M, C, cols, brows, bitmap = _layout(part, src)
-    blocks = blocks_for(part, C, src.fused, src.x.device)
     x, w, b, H, stride_w = src.pointers()
     spare = coef  # stands in for a gradient that is not wanted (never written: its flag is off)
     gx_, gw_, gb_ = (spare if t is None else t for t in (gx, gw, gb))
@@ -100,11 +99,10 @@ def gradients(src: Source, part: Part, labels: Tensor, coef: Tensor, lse: Tensor
         FILTER=src.filter,
         BLOCK_M=blocks.m, BLOCK_C=blocks.c, BLOCK_H=blocks.h)
     P = G * M
-    flags = src.flags()
     kern._label_grad_kernel[(triton.cdiv(P, blocks.m),)](
         x, w, part.rows, labels, coef, lse, size, z_y, eps, gx_, gw_, gb_,
         P, H, x.stride(0), stride_w, gx_.stride(0), gw_.stride(0),
-        FUSED=flags["FUSED"], **wanted, BLOCK_M=blocks.m, BLOCK_H=blocks.h)
+        FUSED=src.fused, **wanted, BLOCK_M=blocks.m, BLOCK_H=blocks.h)
 
 
 def _add_losses(loss: Tensor, part: Part, alpha: float, eps: float,
@@ -115,21 +113,23 @@ def _add_losses(loss: Tensor, part: Part, alpha: float, eps: float,
     loss.index_add_(0, part.slots[on], alpha * tok[on])
 
 
-def _run_parts(src: Source, plan: Plan, weights: Optional[Tensor], loss: Tensor, cover_first: bool,
+def _run_parts(src: Source, plan: Plan, parts: List[Tuple[float, Part]], weights: Optional[Tensor], loss: Tensor,
                gx: Optional[Tensor], gw: Optional[Tensor] = None, gb: Optional[Tensor] = None) -> None:
-    """Every part of the plan: losses, and gradients weighted by ``weights`` (B, N) when given."""
+    """Every part: losses, and gradients weighted by ``weights`` (B, N) when given. Only a first
+    part that covers every position stores; the others add."""
     labels = plan.labels.reshape(-1).contiguous()
     eps = plan.label_smoothing
-    first = True
-    for alpha, part in parts_of(plan, src.vocab_size, cover_first):
+    for i, (alpha, part) in enumerate(parts):
         if part.rows.numel() == 0:
             continue
-        lse, zsum, size, z_y = statistics(src, part, labels)
+        C = src.vocab_size if part.cols is None else part.cols.shape[1]
+        blocks = blocks_for(part, C, src.fused, src.x.device)
+        lse, zsum, size, z_y = statistics(src, part, blocks, labels)
         _add_losses(loss, part, alpha, eps, lse, zsum, size, z_y)
         if weights is not None:
             coef = alpha * slot_values(part, weights * part.positions).float().contiguous()
-            gradients(src, part, labels, coef, lse, size, z_y, eps, gx, gw, gb, store=first and part.covers_all)
-        first = False
+            gradients(src, part, blocks, labels, coef, lse, size, z_y, eps, gx, gw, gb,
+                      store=i == 0 and part.covers_all)
 
 
 def logits_forward(logits: Tensor, plan: Plan, need_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
@@ -139,11 +139,11 @@ def logits_forward(logits: Tensor, plan: Plan, need_grad: bool) -> Tuple[Tensor,
     if x.stride(1) != 1:
         x = x.contiguous()
     loss = torch.zeros(B * N, dtype=torch.float32, device=x.device)
+    parts = list(parts_of(plan, V, cover_first=need_grad))
     grad = None
-    if need_grad:
-        covered = next(iter(parts_of(plan, V, cover_first=True)), (0, None))[1]
-        grad = torch.empty_like(x) if covered is not None and covered.covers_all else torch.zeros_like(x)
-    _run_parts(Source(x, V), plan, plan.coef if need_grad else None, loss, cover_first=True, gx=grad)
+    if need_grad:  # a first part covering every position writes every row: no zeroing needed
+        grad = torch.empty_like(x) if parts and parts[0][1].covers_all else torch.zeros_like(x)
+    _run_parts(Source(x, V), plan, parts, plan.coef if need_grad else None, loss, gx=grad)
     return loss.view(B, N), (grad.view(B, N, V) if grad is not None else None)
 
 
@@ -158,5 +158,6 @@ def linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan:
     src = Source(hidden.reshape(B * N, H).contiguous(), V, weight.contiguous(),
                  None if bias is None else bias.contiguous())
     loss = torch.zeros(B * N, dtype=torch.float32, device=hidden.device)
-    _run_parts(src, plan, w_all, loss, cover_first=False, gx=grads.hidden, gw=grads.weight, gb=grads.bias)
+    _run_parts(src, plan, list(parts_of(plan, V, cover_first=False)), w_all, loss,
+               gx=grads.hidden, gw=grads.weight, gb=grads.bias)
     return loss.view(B, N), grads
