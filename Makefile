@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 # torch first, pinned: on these machines 2.13.0 is a local CPU build, while an unpinned torch with
 # none installed would pull several GB of CUDA packages. Then the package, which torch>=2.4 satisfies.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[dev,hf,triton]"
+	$(PIP) install --quiet -e ".[all]"
 	touch $(STAMP)
 
 # The main job on the embedded default: MLE vs SMILE fine-tuning of a small BLIP on generated scenes.
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# Lint (ruff: pyflakes, isort, bugbear, pyupgrade) and type check (mypy, basic), as configured in pyproject.toml.
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m mypy
 
 # The full tables behind benchmarks/RESULTS.md (several minutes on 2 cores).
 bench: $(STAMP)

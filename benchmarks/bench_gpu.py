@@ -15,7 +15,7 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ def seqloss_fused(objective: str, impl: str) -> Callable:
     return lambda h, W, y: seqloss.linear_loss(h, W, y, objective=objective, impl=impl)
 
 
-def providers() -> Dict[str, Optional[Callable]]:
+def providers() -> dict[str, Optional[Callable]]:
     return {"mle/hf naive": hf_naive, "mle/torch chunked": torch_chunked(), "mle/liger": liger(),
             "mle/cut cross-entropy": cut_cross_entropy(), "mle/seqloss triton": seqloss_fused("mle", "triton"),
             "mle/seqloss torch": seqloss_fused("mle", "torch"),
@@ -110,14 +110,14 @@ def run_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: int)
     labels = zipf_labels((1, N), V, pad_fraction=0.0).reshape(N).to(device)
     clock = Clock(device)
     bound = (V * H + N * H) * hidden.element_size()
-    steps: Dict[str, Callable[[], None]] = {}
+    steps: dict[str, Callable[[], None]] = {}
     for provider, fn in providers().items():
         if fn is not None:
             steps[provider] = _step(fn, hidden, weight, labels)
             clock.time(steps[provider])  # warm-up: compilation and autotuning
     # Interleaved (A B A B ...), as a training loop interleaves work: repeating one provider alone
     # keeps its buffers and caches warm and can flatter it.
-    times: Dict[str, list] = {provider: [] for provider in steps}
+    times: dict[str, list] = {provider: [] for provider in steps}
     for _ in range(repeats):
         for provider, step in steps.items():
             times[provider].append(clock.time(step))

@@ -4,22 +4,32 @@ Providers: Hugging Face-style full logits (``hidden @ W.T`` → ``.float()`` →
 torch's ``F.linear_cross_entropy`` (reference path, and chunked with
 ``options=torch.nn.LinearCrossEntropyOptions()``), seqloss on materialised logits, and
 ``seqloss.linear_loss`` for MLE and the SMILE family. Gradients for hidden and weight. Time is the
-median of ``--repeats`` runs; peak extra memory is the resident-set high-water mark of one
+median of ``--repeats`` rounds, providers interleaved; peak extra memory is the resident-set high-water mark of one
 forward+backward in a fresh process over the inputs (it includes the gradients of hidden and weight).
 
     python benchmarks/bench_linear.py [--vocab 32000,50257] [--repeats 3] [--markdown FILE]
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
-from typing import Callable, Dict
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import seqloss
-from common import PeakRSS, distinct_per_row, machine, median_ms, parser, peak_extra_in_fresh_process, publish, zipf_labels
+from common import (
+    PeakRSS,
+    distinct_per_row,
+    interleaved_median_ms,
+    machine,
+    parser,
+    peak_extra_in_fresh_process,
+    publish,
+    zipf_labels,
+)
 
 B, N, H = 4, 512, 768
 EOS = 2  # a frequent id under the Zipf labels, standing in for the end-of-text token
@@ -40,7 +50,7 @@ def fused(objective, **options):
     return lambda h, W, y: seqloss.linear_loss(h, W, y, objective=objective, **options)
 
 
-PROVIDERS: Dict[str, Callable] = {
+PROVIDERS: dict[str, Callable] = {
     "mle/hf full logits": hf_full_logits,
     "mle/F.linear_cross_entropy": torch_linear_ce(chunked=False),
     "mle/F.linear_cross_entropy chunked": torch_linear_ce(chunked=True),
@@ -77,13 +87,13 @@ def measure_memory(name: str, vocab: str) -> None:
 
 def run(V: int, repeats: int, only):
     hidden, weight, labels = inputs(V)
+    names = [name for name in PROVIDERS if not only or any(name.startswith(o) for o in only)]
+    ms = interleaved_median_ms({name: functools.partial(step, name, hidden, weight, labels) for name in names},
+                               repeats)
     rows = []
-    for name in PROVIDERS:
-        if only and not any(name.startswith(o) for o in only):
-            continue
-        ms = median_ms(lambda: step(name, hidden, weight, labels), repeats)
+    for name in names:
         mem = peak_extra_in_fresh_process(__file__, [name, str(V)])["peak_extra"]
-        rows.append(dict(name=name, ms=ms, mb=mem / 2 ** 20))
+        rows.append(dict(name=name, ms=ms[name], mb=mem / 2 ** 20))
     ref = {r["name"]: r for r in rows}.get("mle/hf full logits")
     out = []
     for r in rows:
@@ -105,7 +115,7 @@ def main(argv=None) -> None:
         vocab_rows, k = run(V, args.repeats, only)
         rows += vocab_rows
         notes.append(f"V={V}: {k:.0f} distinct label ids per row (K)")
-    publish(f"Machine: {machine()}. B={B}, N={N}, H={H}, fp32, Zipf labels; median of {args.repeats} runs of "
+    publish(f"Machine: {machine()}. B={B}, N={N}, H={H}, fp32, Zipf labels; median of {args.repeats} interleaved rounds of "
             f"forward+backward (gradients for hidden and weight); peak extra memory in a fresh process. "
             + "; ".join(notes) + ".", rows, args.markdown)
 

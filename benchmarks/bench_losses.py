@@ -3,7 +3,7 @@
 Providers: the SMILE authors' dense form of each objective (float mask → (B, N, V) copy →
 masked_fill → cross_entropy), ``F.cross_entropy``, Hugging Face's ``ForCausalLMLoss`` path (upcast
 to fp32, pad-and-shift the labels, cross_entropy), and seqloss (``impl="torch"``). Time is the median
-of ``--repeats`` runs; peak extra memory is the resident-set high-water mark of one forward+backward
+of ``--repeats`` rounds, providers interleaved; peak extra memory is the resident-set high-water mark of one forward+backward
 in a fresh process, over the inputs already allocated (it includes the logits' gradient, 1× the
 logits). Ratios are measured in the same run.
 
@@ -11,15 +11,25 @@ logits). Ratios are measured in the same run.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
-from typing import Callable, Dict
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import seqloss
-from common import PeakRSS, distinct_per_row, machine, median_ms, parser, peak_extra_in_fresh_process, publish, zipf_labels
+from common import (
+    PeakRSS,
+    distinct_per_row,
+    interleaved_median_ms,
+    machine,
+    parser,
+    peak_extra_in_fresh_process,
+    publish,
+    zipf_labels,
+)
 
 SHAPES = {"blip": (32, 40, 30524), "llm": (8, 128, 32000)}  # (B, N, V): BLIP captioning, a small LLM batch
 EOS = 102  # BERT's [SEP], BLIP's end of caption
@@ -73,7 +83,7 @@ def _include_lists(labels, V):
     return torch.randint(V, (labels.shape[0], 64), generator=g)     # 64 sampled negatives per row
 
 
-PROVIDERS: Dict[str, Callable] = {
+PROVIDERS: dict[str, Callable] = {
     "mle/F.cross_entropy": lambda z, y: F.cross_entropy(z.view(-1, z.shape[-1]), y.view(-1)),
     "mle/hf ForCausalLMLoss": hf_causal_lm,
     "mle/seqloss": lambda z, y: seqloss.cross_entropy(z, y, impl="torch"),
@@ -112,13 +122,12 @@ def measure_memory(name: str, shape_key: str) -> None:
 
 def run(shape_key: str, repeats: int, only=None):
     logits, labels = inputs(SHAPES[shape_key])
+    names = [name for name in PROVIDERS if not only or any(name.startswith(o) for o in only)]
+    ms = interleaved_median_ms({name: functools.partial(step, name, logits, labels) for name in names}, repeats)
     rows = []
-    for name in PROVIDERS:
-        if only and not any(name.startswith(o) for o in only):
-            continue
-        ms = median_ms(lambda: step(name, logits, labels), repeats)
+    for name in names:
         mem = peak_extra_in_fresh_process(__file__, [name, shape_key])
-        rows.append(dict(name=name, ms=ms, mem=mem["peak_extra"] / mem["logits_bytes"]))
+        rows.append(dict(name=name, ms=ms[name], mem=mem["peak_extra"] / mem["logits_bytes"]))
     by_name = {r["name"]: r for r in rows}
     ce = by_name.get("mle/F.cross_entropy", {}).get("ms")
     ours_ce = by_name.get("mle/seqloss", {}).get("ms")
@@ -145,7 +154,7 @@ def main(argv=None) -> None:
         shape_rows, k = run(key, args.repeats, only)
         rows += shape_rows
         notes.append(f"{key} {SHAPES[key]}: Zipf labels, {k:.0f} distinct ids per row on average")
-    publish(f"Machine: {machine()}. Median of {args.repeats} runs of forward+backward, fp32 logits; peak extra "
+    publish(f"Machine: {machine()}. Median of {args.repeats} interleaved rounds of forward+backward, fp32 logits; peak extra "
             f"memory in a fresh process as a multiple of the logits' size (the logits' gradient alone is "
             f"1.00). " + "; ".join(notes) + ".", rows, args.markdown)
 

@@ -17,7 +17,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ def sessions(B: int, L: int, seed: int = 0) -> Tensor:
 
 
 def plm_per_row(item_ids: Tensor, probability: float = 1 / 6, max_span_length: int = 5,
-                generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """seqloss's PLM algorithm (train mode) with a Python loop over rows: targets, target_mask,
     perm_mask, target_mapping."""
     B, L = item_ids.shape
@@ -91,14 +91,14 @@ def output_mib(out: masking.MaskingOutput) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-def bench_shape(B: int, L: int, repeats: int) -> List[Tuple[str, str, float, float, str, Optional[float]]]:
+def bench_shape(B: int, L: int, repeats: int) -> list[tuple[str, str, float, float, str, Optional[float]]]:
     """Rows (scheme, shape, seqloss ms, output MiB, peer, peer ms) for one shape."""
     item_ids = sessions(B, L)
     g = torch.Generator().manual_seed(0)
     shape = f"{B}x{L}"
     rows = []
 
-    def ours(name: str, **options) -> Tuple[masking.MaskingScheme, float, float]:
+    def ours(name: str, **options) -> tuple[masking.MaskingScheme, float, float]:
         scheme = masking.get(name, padding_idx=PAD, **options)
         ms = median_ms(lambda _: scheme(item_ids, "train", generator=g), repeats)
         return scheme, ms, output_mib(scheme(item_ids, "train", generator=g))
@@ -146,7 +146,7 @@ def machine() -> str:
             f"transformers {transformers.__version__}")
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell (median reported), >= 5")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -9,7 +9,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 
@@ -37,15 +38,22 @@ def distinct_per_row(labels: torch.Tensor) -> float:
     return statistics.mean(len(set(r[r >= 0].tolist())) for r in rows)
 
 
-def median_ms(step: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+def interleaved_median_ms(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median milliseconds of each step, the steps timed in turn (A B A B ...) in every round.
+
+    A training loop interleaves work; repeating one provider alone keeps its buffers and caches warm
+    and can flatter it several-fold, so providers are never timed in a block of their own.
+    """
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def _status_kib(field: str) -> int:
@@ -60,7 +68,7 @@ class PeakRSS:
     (which ``ru_maxrss`` would keep forever) do not hide the peak of the measured step.
     """
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         self.base = _status_kib("VmRSS")
@@ -70,7 +78,7 @@ class PeakRSS:
         self.extra_bytes = (_status_kib("VmHWM") - self.base) * 1024
 
 
-def peak_extra_in_fresh_process(script: str, args: List[str]) -> Dict:
+def peak_extra_in_fresh_process(script: str, args: list[str]) -> dict:
     """Run ``script --measure-memory ARGS`` in a new interpreter; it prints one JSON line."""
     out = subprocess.run([sys.executable, script, "--measure-memory", *args], check=True, capture_output=True,
                          text=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
@@ -89,7 +97,7 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def table(rows: List[Dict], columns: List[str]) -> str:
+def table(rows: list[dict], columns: list[str]) -> str:
     """A GitHub-markdown table (also readable in a terminal)."""
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
@@ -108,7 +116,7 @@ def parser(doc: str, cases_flag: str, cases_default: str, repeats: int) -> argpa
     return p
 
 
-def publish(header: str, rows: List[Dict], markdown: str = None) -> None:
+def publish(header: str, rows: list[dict], markdown: str = None) -> None:
     """Print the table under its header and, if asked, write both to a markdown file."""
     text = header + "\n\n" + table(rows, list(rows[0]))
     print(text)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +103,7 @@ def train_and_evaluate(scheme_name: str, train: Tensor, test: Tensor, steps: int
 
 
 def main(steps: int = 400, batch_size: int = 64, num_train: int = 20_000, num_test: int = 2_000,
-         seed: int = 0, threads: int = 1) -> Dict[str, float]:
+         seed: int = 0, threads: int = 1) -> dict[str, float]:
     """Train both models and print their recall@10; returns {"mlm": r, "clm": r}.
 
     ``threads``: torch's intra-op threads while training. A model this small gains nothing from

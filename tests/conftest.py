@@ -12,7 +12,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional
 
 import torch
 from hypothesis import strategies as st
@@ -33,7 +33,7 @@ class Tolerance:
 # bf16/fp16 (ml-cross-entropy criterion): |fast - fp32 truth| <= |naive same-dtype - fp32 truth| + slack,
 # where "naive same-dtype" is impl="reference" run on the low-precision logits (for the fused head: on
 # the low-precision logits F.linear(hidden, weight, bias)) and "truth" the same on an fp32 upcast.
-TOLERANCES: Dict[torch.dtype, Tolerance] = {
+TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float32: Tolerance(forward=1e-5, backward=5e-4),
     torch.bfloat16: Tolerance(forward=1e-2, backward=1e-2),
     torch.float16: Tolerance(forward=1e-2, backward=1e-2),
@@ -75,7 +75,7 @@ def make_logits(*shape: int, seed: int = 0, scale: float = 3.0, dtype: torch.dty
 
 
 def make_labels(*shape: int, vocab_size: int, seed: int = 0, ignore_fraction: float = 0.25,
-                ignore_index: int = IGNORE, ignored_rows: Tuple[int, ...] = (), low: int = 0) -> Tensor:
+                ignore_index: int = IGNORE, ignored_rows: tuple[int, ...] = (), low: int = 0) -> Tensor:
     """Random labels in [low, V) with a fraction of ``ignore_index``; rows in ``ignored_rows`` (indices
     into the flattened leading dims) entirely ignored."""
     g = generator(seed + 10_000)
@@ -88,7 +88,7 @@ def make_labels(*shape: int, vocab_size: int, seed: int = 0, ignore_fraction: fl
     return labels
 
 
-def member_options(name: str, labels: Tensor, vocab_size: int, seed: int = 0) -> Dict[str, Any]:
+def member_options(name: str, labels: Tensor, vocab_size: int, seed: int = 0) -> dict[str, Any]:
     """Non-default keyword options for one objective; build afresh for every call (the random
     generator is consumed by a call)."""
     V = vocab_size
@@ -111,7 +111,7 @@ def member_options(name: str, labels: Tensor, vocab_size: int, seed: int = 0) ->
 
 
 def loss_and_grad(fn: Callable[..., Tensor], logits: Tensor, labels: Tensor,
-                  grad_output: Optional[Tensor] = None, **kwargs: Any) -> Tuple[Tensor, Tensor]:
+                  grad_output: Optional[Tensor] = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
     """The loss and d(<loss, grad_output>)/d(logits) of ``fn(leaf, labels, **kwargs)`` on a fresh leaf."""
     leaf = logits.detach().clone().requires_grad_(True)
     out = fn(leaf, labels, **kwargs)
@@ -125,7 +125,7 @@ def random_grad_output(shape: torch.Size, seed: int = 0) -> Tensor:
     return torch.randn(shape, generator=generator(seed + 40_000))
 
 
-# --- objectives on logits: shared by the engine (test_losses) and function-layer (test_functional) tests
+# --- objectives on logits: shared by the engine (test_torch_logits) and function-layer (test_functional) tests
 
 OBJECTIVES_AND_MIXTURE = OBJECTIVE_NAMES + ("mixture",)
 REDUCTIONS = ("mean", "sum", "none", "sequence")
@@ -135,16 +135,16 @@ def objective_of(name: str) -> Any:
     return MIXTURE if name == "mixture" else name
 
 
-def options_of(name: str, labels: Tensor, vocab_size: int, seed: int = 0) -> Dict[str, Any]:
+def options_of(name: str, labels: Tensor, vocab_size: int, seed: int = 0) -> dict[str, Any]:
     return {} if name == "mixture" else member_options(name, labels, vocab_size, seed)
 
 
-def output_shape(reduction: str, lead: Tuple[int, ...], N: int) -> Tuple[int, ...]:
+def output_shape(reduction: str, lead: tuple[int, ...], N: int) -> tuple[int, ...]:
     return {"mean": (), "sum": (), "none": (*lead, N), "sequence": lead}[reduction]
 
 
 def compare_impls(name: str, logits: Tensor, labels: Tensor, *, grad_output: Optional[Tensor] = None, seed: int = 0,
-                  impl: str = "torch", **common: Any) -> Tuple[Tensor, Tensor]:
+                  impl: str = "torch", **common: Any) -> tuple[Tensor, Tensor]:
     """Run ``impl`` and impl="reference" on the same fp32 inputs; assert values and gradients match."""
     V = logits.shape[-1]
     results = {}

@@ -8,9 +8,23 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import seqloss
-from tests.conftest import (IGNORE, OBJECTIVES_AND_MIXTURE, REDUCTIONS, assert_close_fp32, batches, compare_impls,
-                            generator, loss_and_grad, make_labels, make_logits, member_options, objective_of,
-                            options_of, output_shape, random_grad_output)
+from tests.conftest import (
+    IGNORE,
+    OBJECTIVES_AND_MIXTURE,
+    REDUCTIONS,
+    assert_close_fp32,
+    batches,
+    compare_impls,
+    generator,
+    loss_and_grad,
+    make_labels,
+    make_logits,
+    member_options,
+    objective_of,
+    options_of,
+    output_shape,
+    random_grad_output,
+)
 
 SUBSET_OBJECTIVES = ("smile", "random_subset", "reverse_subset", "selective_eos", "subset")
 

@@ -5,8 +5,18 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from seqloss import OBJECTIVES
-from seqloss.support import (PAD, FullSupport, ListSupport, Targets, canonical_ids, draw_random_candidates,
-                             first_supervised, row_token_sets, shift_candidates, shift_labels)
+from seqloss.support import (
+    PAD,
+    FullSupport,
+    ListSupport,
+    Targets,
+    canonical_ids,
+    draw_random_candidates,
+    first_supervised,
+    row_token_sets,
+    shift_candidates,
+    shift_labels,
+)
 from tests.conftest import IGNORE, generator
 
 PROPERTY = settings(max_examples=50, deadline=None)

@@ -149,3 +149,71 @@ GOOD_EDGES = [
 def test_good_edge_values_pass(call):
     out = call()
     assert torch.isfinite(out).all()
+
+
+# --- the fused head: linear_loss ---------------------------------------------------------------------
+
+HIDDEN, WEIGHT, BIAS = make_logits(2, 4, 5, seed=16), make_logits(7, 5, seed=17), make_logits(7, seed=18)
+LABELS = make_labels(2, 4, vocab_size=7, seed=16)
+
+# (id, arguments replaced, exception, pattern its message must match)
+BAD_LINEAR_INPUTS = [
+    ("hidden_width_differs", dict(weight=WEIGHT[:, :-1]), ValueError, "weight width 4 .*hidden width 5"),
+    ("weight_1d", dict(weight=WEIGHT[0]), ValueError, "weight"),
+    ("weight_3d", dict(weight=WEIGHT[None]), ValueError, "weight"),
+    ("weight_no_rows", dict(weight=WEIGHT[:0]), ValueError, "weight"),
+    ("weight_not_a_tensor", dict(weight=WEIGHT.tolist()), TypeError, "weight"),
+    ("weight_dtype", dict(weight=WEIGHT.long()), TypeError, "weight must be floating point"),
+    ("bias_wrong_length", dict(bias=BIAS[:-1]), ValueError, "bias"),
+    ("bias_2d", dict(bias=BIAS[None]), ValueError, "bias"),
+    ("bias_not_a_tensor", dict(bias=BIAS.tolist()), TypeError, "bias"),
+    ("bias_dtype", dict(bias=BIAS.long()), TypeError, "bias must be floating point"),
+    ("integer_hidden", dict(hidden=HIDDEN.long(), weight=WEIGHT.long()), TypeError, "hidden"),
+    ("integer_hidden_float_weight", dict(hidden=HIDDEN.long()), TypeError, "hidden"),
+    ("hidden_1d", dict(hidden=HIDDEN[0, 0], labels=LABELS[0, 0]), ValueError, "hidden"),
+    ("hidden_not_a_tensor", dict(hidden=HIDDEN.tolist()), TypeError, "hidden"),
+    ("labels_shorter_than_hidden", dict(labels=LABELS[:, :-1]), ValueError, "labels.*hidden"),
+    ("labels_leading_shape", dict(labels=LABELS.reshape(1, -1)), ValueError, "labels.*hidden"),
+    ("labels_ge_V", dict(labels=torch.full_like(LABELS, 7)), ValueError, "labels"),
+    ("float_labels", dict(labels=LABELS.float()), TypeError, "labels"),
+    ("include_shape", dict(objective="subset", include=torch.zeros(3, 2, dtype=torch.long)), ValueError, "include"),
+    ("unknown_keyword", dict(exclude_id=(0,)), TypeError, r"exclude_id\b"),
+    ("impl", dict(impl="cuda"), ValueError, "impl"),
+]
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference", "auto", "triton"])
+@pytest.mark.parametrize("replaced, error, pattern", [pytest.param(r, e, p, id=i) for i, r, e, p in BAD_LINEAR_INPUTS])
+def test_bad_linear_input_names_the_argument(replaced, error, pattern, impl):
+    with pytest.raises(error, match=pattern):
+        seqloss.linear_loss(**{**dict(hidden=HIDDEN, weight=WEIGHT, labels=LABELS, bias=BIAS, impl=impl), **replaced})
+
+
+def test_hidden_shape_error_describes_hidden():
+    # hidden is (..., N, H): the message must not describe it as logits (..., N, V).
+    with pytest.raises(ValueError, match=r"hidden must have shape \(\.\.\., N, H\)"):
+        seqloss.linear_loss(HIDDEN[0, 0], WEIGHT, LABELS[0, 0])
+
+
+# --- the one entry: check_call ---------------------------------------------------------------------
+
+
+def test_labels_and_candidates_move_to_the_logits_device():
+    # As Hugging Face's ForCausalLMLoss does: labels may come from the data loader's device.
+    from seqloss._validate import check_call
+    logits = torch.empty(B, N, V, device="meta")
+    include = torch.zeros(B, 3, dtype=torch.long)
+    call = check_call("subset", dict(include=include), logits=logits, labels=LABELS)
+    assert call.labels.device.type == "meta" and call.members[0][2]["include"].device.type == "meta"
+    assert LABELS.device.type == "cpu" and include.device.type == "cpu"  # the caller's tensors untouched
+
+
+def test_options_alone_are_checked_against_the_vocabulary():
+    # seqloss.hf validates at patch time, before any tensor exists.
+    from seqloss._validate import check_call
+    call = check_call({"mle": 0.1, "smile": 0.9}, dict(exclude_ids=(3,), shift=True), vocab_size=V)
+    assert call.labels is None and call.common.shift
+    with pytest.raises(ValueError, match="exclude_ids"):
+        check_call("smile", dict(exclude_ids=(V,)), vocab_size=V)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        check_call("mle", dict(exclude_ids=(0,)))

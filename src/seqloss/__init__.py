@@ -4,13 +4,27 @@ Every loss is token-level cross-entropy over a per-position *support set* of voc
 MLE (all ids), SMILE (the ids of the row's own labels), random and reverse subsetting, selective
 EOS, explicit candidates, and weighted mixtures of them. See DESIGN §1 and ``seqloss.reference``.
 """
-from .functional import (cross_entropy, objective_loss, random_subset_loss, reverse_subset_loss,
-                         selective_eos_loss, smile_loss, subset_cross_entropy)
-from .linear import linear_loss
-from .modules import (CrossEntropyLoss, ObjectiveLoss, RandomSubsetLoss, ReverseSubsetLoss, SelectiveEOSLoss,
-                      SmileLoss, SubsetCrossEntropyLoss)
-from .support import OBJECTIVES
 from . import masking
+from .functional import (
+                         cross_entropy,
+                         linear_loss,
+                         objective_loss,
+                         random_subset_loss,
+                         reverse_subset_loss,
+                         selective_eos_loss,
+                         smile_loss,
+                         subset_cross_entropy,
+)
+from .modules import (
+                         CrossEntropyLoss,
+                         ObjectiveLoss,
+                         RandomSubsetLoss,
+                         ReverseSubsetLoss,
+                         SelectiveEOSLoss,
+                         SmileLoss,
+                         SubsetCrossEntropyLoss,
+)
+from .support import OBJECTIVES
 
 __version__ = "0.1.0"
 

@@ -1,14 +1,21 @@
-"""Every input check, once, before any branch.
+"""Every input check, once, before any branch: :func:`check_call` is the one entry every public
+call goes through (the functions, ``linear_loss``, the modules and ``seqloss.hf``).
 
 Errors name the argument: a ``TypeError`` for a wrong kind of thing, a ``ValueError`` for a wrong
-value. Checks never modify their inputs; the normalised values they return are new objects.
+value. Checks never modify their inputs; the normalised values they return are new objects (labels
+and candidate lists moved to the logits' device, as Hugging Face's ``ForCausalLMLoss`` moves labels).
+
+Checks that read tensor values (label range, candidate ids, ``num_items_in_batch``) run in eager
+mode only: under ``torch.compile`` they would need the data on the host mid-graph, which breaks
+``fullgraph=True``; shapes, dtypes and option values are still checked while tracing.
 """
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -31,7 +38,54 @@ class Common:
     impl: str
 
 
-Member = Tuple[float, str, Dict[str, Any]]  # (weight, objective name, its options)
+Member = tuple[float, str, dict[str, Any]]  # (weight, objective name, its options)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A validated call: options, members, and the labels (B, N) on the scores' device."""
+
+    common: Common
+    members: list[Member]
+    labels: Optional[Tensor]    # (B, N) flattened; None when only options were checked
+    lead: tuple[int, ...]       # the leading shape of the labels
+    N: int
+    vocab_size: Optional[int]
+
+
+def _tracing() -> bool:
+    """True while torch.compile traces: data-dependent checks are skipped (see the module docstring)."""
+    return torch.compiler.is_compiling()
+
+
+def check_call(objective: Any, options: Mapping[str, Any], *, logits: Any = None, hidden: Any = None,
+               weight: Any = None, bias: Any = None, labels: Any = None,
+               vocab_size: Optional[int] = None) -> Call:
+    """The one validation entry.
+
+    * ``logits`` (..., N, V) and ``labels``: a call on logits;
+    * ``hidden`` (..., N, H), ``weight`` (V, H), ``bias`` and ``labels``: a fused-head call;
+    * neither: the objective and options alone (``seqloss.hf`` at patch time), ids checked against
+      ``vocab_size`` when given; per-call candidate lists (``include``/``exclude``) are left to the call.
+    """
+    common = check_common({k: v for k, v in options.items() if k in COMMON_DEFAULTS})
+    others = {k: v for k, v in options.items() if k not in COMMON_DEFAULTS}
+    objectives = check_objective(objective)
+    if logits is None and hidden is None:
+        others = {k: v for k, v in others.items() if k not in ("include", "exclude")}
+        return Call(common, route_options(objectives, others, vocab_size, None, 0), None, (), 0, vocab_size)
+    if hidden is not None:
+        check_linear(hidden, weight, bias)
+        scores, vocab, against = hidden, weight.shape[0], "hidden"
+    else:
+        check_logits(logits)
+        scores, vocab, against = logits, logits.shape[-1], "logits"
+    *lead_list, N = scores.shape[:-1]
+    lead = tuple(lead_list)
+    check_labels(labels, (*lead, N), vocab, common.ignore_index, against=against)
+    members = route_options(objectives, others, vocab, lead, N, scores.device)
+    flat = labels.to(scores.device).reshape(math.prod(lead), N)
+    return Call(common, members, flat, lead, N, vocab)
 
 
 def _is_int(value: Any) -> bool:
@@ -55,7 +109,11 @@ def check_common(options: Mapping[str, Any]) -> Common:
     k = c.num_items_in_batch
     if k is not None:
         if isinstance(k, Tensor):
-            if k.numel() != 1 or k.is_floating_point() and not torch.isfinite(k).all():
+            if k.numel() != 1:
+                raise ValueError("num_items_in_batch must be a single positive number")
+            if _tracing():
+                return c
+            if k.is_floating_point() and not torch.isfinite(k).all():
                 raise ValueError("num_items_in_batch must be a single positive number")
             value = k.item()
         elif isinstance(k, numbers.Real) and not isinstance(k, bool):
@@ -79,7 +137,11 @@ def check_logits(logits: Any, name: str = "logits", last: str = "V") -> None:
 
 
 def check_linear(hidden: Any, weight: Any, bias: Any) -> None:
-    """The fused head: hidden (..., N, H), weight (V, H), bias (V,) or None, one float dtype."""
+    """The fused head: hidden (..., N, H), weight (V, H), bias (V,) or None, floating point.
+
+    Dtypes may differ (a bf16 hidden with an fp32 weight, the usual mixed-precision set-up): the
+    head then runs in autocast's dtype under autocast, else in the widest of the three.
+    """
     check_logits(hidden, "hidden", last="H")
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -90,15 +152,15 @@ def check_linear(hidden: Any, weight: Any, bias: Any) -> None:
                          f"weight must be (V, H) like nn.Linear / lm_head.weight")
     if weight.shape[0] < 1:
         raise ValueError("weight must have at least one row (V >= 1)")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
     if bias is not None:
         if not isinstance(bias, Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be floating point, got {bias.dtype}")
 
 
 def check_labels(labels: Any, expected_shape: Sequence[int], vocab_size: int, ignore_index: int,
@@ -110,26 +172,28 @@ def check_labels(labels: Any, expected_shape: Sequence[int], vocab_size: int, ig
     if tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match {against}: expected "
                          f"{tuple(expected_shape)}")
+    if _tracing():
+        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         value = int(labels[bad].flatten()[0])
         raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; found {value}")
 
 
-def check_ids(ids: Any, name: str, vocab_size: int) -> Tuple[int, ...]:
-    """An id or a sequence of ids, each in [0, V)."""
+def check_ids(ids: Any, name: str, vocab_size: Optional[int]) -> tuple[int, ...]:
+    """An id or a sequence of ids, each in [0, V) (>= 0 when V is not known yet)."""
     values = ids.tolist() if isinstance(ids, Tensor) else ids
     values = [values] if _is_int(values) else list(values)
     for value in values:
         if not _is_int(value):
             raise TypeError(f"{name} must hold ints, got {type(value).__name__}")
-        if not 0 <= value < vocab_size:
+        if not 0 <= value < (vocab_size if vocab_size is not None else value + 1):
             raise ValueError(f"{name} must be in [0, {vocab_size}), got {value}")
     return tuple(int(v) for v in values)
 
 
-def _check_candidates(value: Any, name: str, lead: Tuple[int, ...], N: int, vocab_size: int,
-                      per_position: bool) -> Tensor:
+def _check_candidates(value: Any, name: str, lead: tuple[int, ...], N: int, vocab_size: int,
+                      per_position: bool, device: torch.device) -> Tensor:
     """include/exclude id lists: (..., K) per row, or (..., N, K) per label position; < 0 = padding."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of ids, got {type(value).__name__}")
@@ -142,15 +206,16 @@ def _check_candidates(value: Any, name: str, lead: Tuple[int, ...], N: int, voca
         want = "(..., K) per row" + (" or (..., N, K) per label position" if per_position else "")
         raise ValueError(f"{name} must have shape {want} with the labels' leading shape {lead}, "
                          f"got {tuple(value.shape)}")
-    if bool((value >= vocab_size).any()):
+    if not _tracing() and bool((value >= vocab_size).any()):
         raise ValueError(f"{name} ids must be < {vocab_size} (negative entries are padding), "
                          f"found {int(value.max())}")
     B = math.prod(lead)
     K = value.shape[-1]
+    value = value.to(device)
     return value.reshape(B, K) if value.dim() == len(lead) + 1 else value.reshape(B, N, K)
 
 
-def check_objective(objective: Any) -> List[Tuple[float, str]]:
+def check_objective(objective: Any) -> list[tuple[float, str]]:
     """A name or a mapping name → non-negative weight, as [(weight, name)]."""
     if isinstance(objective, str):
         members = {objective: 1.0}
@@ -160,7 +225,7 @@ def check_objective(objective: Any) -> List[Tuple[float, str]]:
             raise ValueError("objective mixture must name at least one objective")
     else:
         raise TypeError(f"objective must be a name or a mapping name -> weight, got {type(objective).__name__}")
-    out = []
+    out: list[tuple[float, str]] = []
     for name, weight in members.items():
         if name not in OBJECTIVES:
             raise ValueError(f"unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
@@ -172,9 +237,11 @@ def check_objective(objective: Any) -> List[Tuple[float, str]]:
     return out
 
 
-def check_member_options(name: str, options: Dict[str, Any], vocab_size: int, lead: Tuple[int, ...],
-                         N: int) -> Dict[str, Any]:
-    """The options of one objective, checked and normalised (ids as tuples, tensors flattened to B)."""
+def check_member_options(name: str, options: dict[str, Any], vocab_size: Optional[int],
+                         lead: Optional[tuple[int, ...]], N: int,
+                         device: Optional[torch.device] = None) -> dict[str, Any]:
+    """The options of one objective, checked and normalised (ids as tuples, tensors flattened to B
+    and moved to ``device``); with ``lead`` None the candidate lists are not checked."""
     out = dict(options)
     if "first_token_mle" in out and not isinstance(out["first_token_mle"], bool):
         raise TypeError("first_token_mle must be a bool")
@@ -193,19 +260,20 @@ def check_member_options(name: str, options: Dict[str, Any], vocab_size: int, le
         if not _is_int(out["eos_token_id"]):
             raise TypeError(f"eos_token_id must be an int, got {type(out['eos_token_id']).__name__}")
         check_ids(out["eos_token_id"], "eos_token_id", vocab_size)
-    if name == "subset":
+    if name == "subset" and lead is not None:
+        assert vocab_size is not None and device is not None
         include, exclude = out.get("include"), out.get("exclude")
         if (include is None) == (exclude is None):
             raise ValueError("subset_cross_entropy needs exactly one of include= or exclude=")
         if include is not None:
-            out["include"] = _check_candidates(include, "include", lead, N, vocab_size, per_position=True)
+            out["include"] = _check_candidates(include, "include", lead, N, vocab_size, True, device)
         else:
-            out["exclude"] = _check_candidates(exclude, "exclude", lead, N, vocab_size, per_position=False)
+            out["exclude"] = _check_candidates(exclude, "exclude", lead, N, vocab_size, False, device)
     return out
 
 
-def route_options(objectives: List[Tuple[float, str]], options: Dict[str, Any], vocab_size: int,
-                  lead: Tuple[int, ...], N: int) -> List[Member]:
+def route_options(objectives: list[tuple[float, str]], options: dict[str, Any], vocab_size: Optional[int],
+                  lead: Optional[tuple[int, ...]], N: int, device: Optional[torch.device] = None) -> list[Member]:
     """Give each member of a mixture the options it accepts; an option nobody accepts is an error."""
     unused = set(options)
     members = []
@@ -213,7 +281,7 @@ def route_options(objectives: List[Tuple[float, str]], options: Dict[str, Any], 
         accepted = OBJECTIVES[name].options
         mine = {k: v for k, v in options.items() if k in accepted}
         unused -= set(mine)
-        members.append((weight, name, check_member_options(name, mine, vocab_size, lead, N)))
+        members.append((weight, name, check_member_options(name, mine, vocab_size, lead, N, device)))
     if unused:
         names = ", ".join(sorted(unused))
         raise TypeError(f"unexpected keyword argument(s) {names} for objective "

@@ -1,119 +1,311 @@
-"""``seqloss``: the command-line workbench. Run ``seqloss COMMAND --help`` for each command."""
+"""``seqloss``: the command-line workbench. Run ``seqloss COMMAND --help`` for each command.
+
+Only argparse is imported up front, so ``seqloss --help`` works on a bare install; each command
+imports what it needs and names the extra to install when it is missing. A user error (bad data,
+an unknown objective, a missing file) prints one line, ``seqloss: error: ...``, and exits with 2;
+``--debug`` shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Optional
 
 DESCRIPTION = """Train captioners with the right objective and see what the objective does.
 
   seqloss compare --out runs/compare          MLE vs SMILE fine-tuning on built-in scenes, with a report
-  seqloss train --objective smile --out DIR   train one captioner (scenes or your image folder)
+  seqloss train --objective smile --out DIR   train one captioner (scenes, or your captions: --data PATH)
   seqloss evaluate --model DIR                caption held-out images and score them
   seqloss caption --model DIR IMAGE...        caption images
   seqloss explain --model DIR --image IMG --caption "..."   per-token loss, MLE vs SMILE
   seqloss scenes --out DIR --n 500            write the scenes data set as an image folder
   seqloss bench                               the loss benchmark (time and memory per objective)
+
+Your data (--data PATH): an image folder with metadata.jsonl, a BLIP caption JSON file or a COCO
+captions JSON file. Errors print one line; add --debug for the traceback.
 """
 
+_CAPTIONER = ("PIL", "transformers", "tokenizers", "tqdm")
+NEEDS = {  # command -> modules of the 'hf' extra it imports
+    "train": _CAPTIONER + ("accelerate",), "evaluate": _CAPTIONER + ("pycocoevalcap",), "caption": _CAPTIONER,
+    "compare": _CAPTIONER + ("accelerate", "pycocoevalcap", "matplotlib"), "explain": _CAPTIONER + ("matplotlib",),
+    "scenes": _CAPTIONER, "bench": (),
+}
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
-def _data(args) -> list:
-    """--data scenes (generated) or an image folder with metadata.jsonl."""
-    if args.data == "scenes":
-        from .workbench import scenes
-        return scenes.generate(args.images, seed=args.seed)
-    from .workbench.data import load_imagefolder
-    return load_imagefolder(Path(args.data), skip_bad=args.skip_bad)
+
+# --- data and models -------------------------------------------------------------------------------
+
+def _user_data(args) -> bool:
+    """Whether --data names the user's files; options that only apply to them are refused with scenes."""
+    scenes_only = ("train_images", "test_images")  # compare's options for generated scenes
+    if args.data != "scenes":
+        for option in scenes_only:
+            if getattr(args, option, None) is not None:
+                raise ValueError(f"--{option.replace('_', '-')} applies to generated scenes, not to --data {args.data}")
+        return True
+    scores_other_data = args.command == "evaluate" and args.eval_data is not None
+    for option in ("image_root", "eval_fraction", "eval_data"):
+        if getattr(args, option, None) is not None and not (scores_other_data and option != "eval_fraction"):
+            raise ValueError(f"--{option.replace('_', '-')} applies to your data (--data PATH); generated scenes "
+                             f"are held out by seed")
+    return False
 
 
-def _captioner(args):
-    from .workbench.model import load_captioner, new_captioner
-    from .workbench.tokenizer import scene_tokenizer
-    return load_captioner(Path(args.model)) if args.model else new_captioner(scene_tokenizer(), seed=args.seed)
+def _split(args) -> tuple[list, list]:
+    from .workbench.data import load_split
+    return load_split(args.data, eval_data=args.eval_data, eval_fraction=args.eval_fraction, seed=args.split_seed,
+                      image_root=args.image_root, skip_bad=args.skip_bad)
 
+
+def _check_model_dir(path: Optional[str]) -> None:
+    if path is not None and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"--model {path!r} is not a Hugging Face model directory (no config.json)")
+
+
+def _objective(text: str) -> Any:
+    from .workbench.compare import parse_objective
+    from .workbench.objectives import members
+    objective = parse_objective(text)
+    members(objective)
+    return objective
+
+
+def _given(args):
+    from .workbench.objectives import ObjectiveOptions
+    def ids(lists: Optional[list[list[int]]]) -> Optional[list[int]]:  # '--exclude-ids 0 5' and '0,5' alike
+        return None if lists is None else [i for part in lists for i in part]
+
+    return ObjectiveOptions(eos_token_id=args.eos_token_id, exclude_ids=ids(args.exclude_ids),
+                            include_ids=ids(args.include_ids), num_samples=args.num_samples,
+                            first_token_mle=args.first_token_mle, label_smoothing=args.label_smoothing)
+
+
+def _report_unknown_words(tokenizer, captions: Sequence[Sequence[str]]) -> None:
+    from .workbench.tokenizer import unknown_words
+    unknown, distinct = unknown_words(tokenizer, captions)
+    if not unknown:
+        print(f"the model's tokenizer knows all {distinct} distinct words of the training captions")
+        return
+    shown = ", ".join(repr(w) for w, _ in unknown.most_common(5))
+    print(f"the model's tokenizer maps {len(unknown)} of the {distinct} distinct words of the training captions "
+          f"to {tokenizer.unk_token} ({sum(unknown.values())} occurrences, e.g. {shown}): they train as unknown")
+
+
+# --- commands --------------------------------------------------------------------------------------
 
 def cmd_train(args) -> None:
-    from .workbench.compare import parse_objective
+    """Train one captioner with one objective. Without --model a new small BLIP is built; on your data its
+    vocabulary is every word of the training captions."""
     from .workbench.evaluate import EvalSet
+    from .workbench.model import load_captioner, new_captioner
+    from .workbench.objectives import check, loss_options
+    from .workbench.tokenizer import SPECIAL_TOKENS, caption_tokenizer, end_of_caption_id, scene_tokenizer
     from .workbench.train import TrainSettings, train
-    examples = _data(args)
-    data = EvalSet.from_examples(examples)
-    settings = TrainSettings(objective=parse_objective(args.objective), steps=args.steps, batch_size=args.batch_size,
-                             learning_rate=args.lr, seed=args.seed, save_steps=args.save_steps)
-    out = train(_captioner(args), data.images, data.references, settings, Path(args.out), resume=args.resume)
+    objective = _objective(args.objective)
+    loss_options(objective, _given(args))  # options no member takes fail here, before data and model load
+    _check_model_dir(args.model)
+    if _user_data(args):
+        records, held_out = _split(args)
+        print(f"training on {len(records)} images of {args.data}" + (
+            f"; {len(held_out)} held out (evaluate them with the same --data, --eval-fraction and --split-seed)"
+            if held_out and args.eval_data is None else ""))
+    else:
+        from .workbench import scenes
+        records = scenes.generate(args.images, seed=args.seed)
+    data = EvalSet.from_examples(records)
+    if args.model:
+        captioner = load_captioner(Path(args.model))
+        _report_unknown_words(captioner.tokenizer, data.references)
+    elif args.data == "scenes":
+        captioner = new_captioner(scene_tokenizer(), seed=args.seed)
+    else:
+        captioner = new_captioner(caption_tokenizer(data.references), seed=args.seed)
+        print(f"vocabulary: {len(captioner.tokenizer) - len(SPECIAL_TOKENS)} words from the training captions "
+              f"(saved with the model)")
+    options = loss_options(objective, _given(args), end_of_caption_id(captioner.tokenizer))
+    check(objective, options, captioner.model.config.text_config.vocab_size)
+    settings = TrainSettings(objective=objective, steps=args.steps, batch_size=args.batch_size,
+                             learning_rate=args.lr, seed=args.seed, save_steps=args.save_steps,
+                             objective_options=options)
+    out = train(captioner, data.images, data.references, settings, Path(args.out), resume=args.resume)
     print(f"trained {out['global_step']} steps; model saved to {Path(args.out) / 'model'}")
 
 
 def cmd_evaluate(args) -> None:
-    from .workbench.evaluate import EvalSet, Generation, evaluate
+    """Caption held-out images and score them: generated scenes (their own seed), the held-out part of
+    --data (the split train used), or all of --eval-data."""
+    from .workbench.data import load_captions
+    from .workbench.evaluate import EvalSet, Generation, captions_by_image, evaluate
     from .workbench.model import load_captioner
-    result = evaluate(load_captioner(Path(args.model)), EvalSet.from_examples(_data(args)),
+    _check_model_dir(args.model)
+    if _user_data(args):
+        records, held_out = _split(args)
+        scored = held_out or records  # --eval-fraction 0: all of --data
+        print(f"scoring {len(scored)} {'held-out ' if held_out else ''}images")
+    elif args.eval_data is not None:
+        scored = load_captions(args.eval_data, args.image_root, args.skip_bad)
+    else:
+        from .workbench import scenes
+        scored = scenes.generate(args.images, seed=args.seed)
+    result = evaluate(load_captioner(Path(args.model)), EvalSet.from_examples(scored),
                       Generation(num_beams=args.beams, top_p=args.top_p))
     print(json.dumps(result["metrics"], indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        Path(args.out).write_text(json.dumps({"metrics": result["metrics"], "captions": captions_by_image(result)},
+                                             indent=2))
 
 
 def cmd_caption(args) -> None:
+    """Caption image files, one line per image: path, tab, caption."""
     from .workbench.evaluate import load_images
     from .workbench.model import load_captioner
-    captions = load_captioner(Path(args.model)).caption(load_images(args.images), num_beams=args.beams,
-                                                        top_p=args.top_p)
+    _check_model_dir(args.model)
+    images = load_images(args.images)
+    captions = load_captioner(Path(args.model)).caption(images, num_beams=args.beams, top_p=args.top_p)
     for path, caption in zip(args.images, captions):
         print(f"{path}\t{caption}")
 
 
 def cmd_compare(args) -> None:
-    from .workbench.compare import CompareSettings, compare, parse_objective
-    settings = CompareSettings(objectives=[parse_objective(o) for o in args.objectives.split(";")])
-    settings.train_images, settings.test_images = args.train_images, args.test_images
-    settings.stage1.steps, settings.stage2_steps = args.stage1_steps, args.stage2_steps
-    compare(Path(args.out), settings, Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet)
+    """Fine-tune one captioner with each objective (same stage-1 checkpoint, same budget) and report."""
+    from .workbench.compare import CompareSettings, compare
+    from .workbench.objectives import options_per_objective
+    objectives = [_objective(text) for text in args.objectives.split(";")]
+    options_per_objective(objectives, _given(args))  # options none takes fail here, before data load
+    settings = CompareSettings(objectives=objectives, objective_options=_given(args))
+    for option in ("train_images", "test_images", "stage2_steps"):
+        if getattr(args, option) is not None:
+            setattr(settings, option, getattr(args, option))
+    if args.stage1_steps is not None:
+        settings.stage1.steps = args.stage1_steps
+    data = _split(args) if _user_data(args) else None
+    compare(Path(args.out), settings, Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet,
+            data=data)
 
 
 def cmd_explain(args) -> None:
-    from PIL import Image
+    """The per-token loss of one caption under MLE and SMILE, printed and drawn."""
+    from .workbench.data import open_image
     from .workbench.explain import plot, table, token_losses
     from .workbench.model import load_captioner
-    losses = token_losses(load_captioner(Path(args.model)), Image.open(args.image).convert("RGB"), args.caption)
+    _check_model_dir(args.model)
+    image = open_image(args.image)
+    losses = token_losses(load_captioner(Path(args.model)), image, args.caption)
     print("\n".join(table(losses)))
     print(f"plot: {plot(losses, Path(args.out), title=args.caption)}")
 
 
 def cmd_scenes(args) -> None:
+    """Write the scenes as an image folder, with the scenes tokenizer in DIR/tokenizer."""
     from .workbench.scenes import write_scenes
-    print(f"wrote {args.n} scenes to {write_scenes(Path(args.out), args.n, seed=args.seed)}")
+    from .workbench.tokenizer import scene_tokenizer
+    out = write_scenes(Path(args.out), args.n, seed=args.seed)
+    scene_tokenizer().save_pretrained(str(out / "tokenizer"))
+    print(f"wrote {args.n} scenes to {out}")
 
 
 def cmd_bench(args) -> None:
     import runpy
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_losses.py"
     if not script.is_file():
-        raise SystemExit("seqloss bench runs benchmarks/bench_losses.py from a source checkout")
+        raise FileNotFoundError("seqloss bench runs benchmarks/bench_losses.py from a source checkout")
     sys.argv = [str(script), *args.rest]
     sys.path.insert(0, str(script.parent))
     runpy.run_path(str(script), run_name="__main__")
 
 
+# --- the parser ------------------------------------------------------------------------------------
+
+def _ids(text: str) -> list[int]:
+    """'0,3 7' -> [0, 3, 7]."""
+    try:
+        return [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token ids (integers), got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _compare_defaults() -> Any:
+    """The embedded compare settings, to show in --help; None on an install without the 'hf' extra."""
+    try:
+        from .workbench.compare import CompareSettings
+    except ImportError:
+        return None
+    return CompareSettings()
+
+
+def _data_options(q: argparse.ArgumentParser, images: Optional[int]) -> None:
+    g = q.add_argument_group("data")
+    g.add_argument("--data", default="scenes", metavar="PATH",
+                   help="'scenes' (generated, the default), an image folder with metadata.jsonl (file_name, text), "
+                        "a BLIP caption JSON file ([{\"image\", \"caption\"}]) or a COCO captions JSON file "
+                        "(images + annotations)")
+    g.add_argument("--image-root", metavar="DIR", help="where the images of a JSON file are (default: its folder)")
+    g.add_argument("--eval-fraction", type=_fraction, metavar="F",
+                   help="your data: the fraction of its images held out for evaluation, chosen by image from "
+                        "--split-seed (default: 0.1; 0 keeps none)")
+    g.add_argument("--eval-data", metavar="PATH",
+                   help="your data: held-out images from here instead (same formats); training then uses all of --data")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split (default: %(default)s)")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="skip bad entries of your data (missing images, empty captions, ...) and count them, "
+                        "instead of stopping at the first")
+    if images is not None:
+        g.add_argument("--images", type=int, default=images, help="scenes: how many to generate (default: %(default)s)")
+
+
+def _objective_options(q: argparse.ArgumentParser) -> None:
+    g = q.add_argument_group("objective options (each goes to the objectives that take it)")
+    g.add_argument("--eos-token-id", type=int, metavar="ID",
+                   help="selective_eos: the end-of-caption id left out of the softmax except where it is the label "
+                        "(default: the id that ends a caption, the tokenizer's [SEP] as in BLIP)")
+    g.add_argument("--exclude-ids", type=_ids, nargs="+", metavar="IDS",
+                   help="ids left out of the support, e.g. '0 5': exclude_ids of smile, random_subset and "
+                        "reverse_subset; subset's exclude (the same ids for every caption)")
+    g.add_argument("--include-ids", type=_ids, nargs="+", metavar="IDS",
+                   help="subset: the candidate ids of every caption (each position's label is always added)")
+    g.add_argument("--num-samples", type=int, metavar="K", help="random_subset: ids drawn per position (default: 10)")
+    g.add_argument("--first-token-mle", action=argparse.BooleanOptionalAction, default=None,
+                   help="smile: score the first word over the whole vocabulary (default: on)")
+    g.add_argument("--label-smoothing", type=float, metavar="EPS",
+                   help="spread over each position's support (default: the model's own; 0 for a new model)")
+
+
+def _decoding(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--beams", type=int, default=3, help="beam search width (default: %(default)s)")
+    q.add_argument("--top-p", type=float, default=None, help="nucleus sampling instead of beam search")
+
+
 def parser() -> argparse.ArgumentParser:
-    from .workbench.compare import CompareSettings
-    p = argparse.ArgumentParser(prog="seqloss", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    debug: dict[str, Any] = dict(action="store_true", help="show the traceback of an error instead of one line")
+    p = argparse.ArgumentParser(prog="seqloss", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", **debug)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def data_options(q, images=1000):
-        q.add_argument("--data", default="scenes", help="'scenes' (generated) or an image folder with metadata.jsonl")
-        q.add_argument("--images", type=int, default=images, help="how many scenes to generate (default: %(default)s)")
-        q.add_argument("--skip-bad", action="store_true", help="skip malformed rows of metadata.jsonl (and count them)")
-        q.add_argument("--seed", type=int, default=0)
+    def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=help, description=run.__doc__ or help)
+        q.add_argument("--debug", **{**debug, "default": argparse.SUPPRESS})  # after the command name too
+        q.set_defaults(run=run)
+        return q
 
-    def decoding(q):
-        q.add_argument("--beams", type=int, default=3, help="beam search width (default: %(default)s)")
-        q.add_argument("--top-p", type=float, default=None, help="nucleus sampling instead of beam search")
-
-    q = sub.add_parser("train", help="train a captioner with one objective", description=cmd_train.__doc__)
-    q.add_argument("--objective", default="mle", help="a name (mle, smile, ...) or a mixture 'mle=0.01,smile=0.99'")
+    q = command("train", cmd_train, "train a captioner with one objective")
+    q.add_argument("--objective", default="mle",
+                   help="mle, smile, random_subset, reverse_subset, selective_eos, subset, or a mixture "
+                        "'mle=0.01,smile=0.99' (default: %(default)s)")
     q.add_argument("--model", help="a local Hugging Face BLIP directory to start from (default: a new small BLIP)")
     q.add_argument("--out", required=True, help="output directory (checkpoints/ and model/)")
     q.add_argument("--steps", type=int, default=400)
@@ -121,57 +313,82 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--lr", type=float, default=1e-3)
     q.add_argument("--save-steps", type=int, default=100)
     q.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    data_options(q)
-    q.set_defaults(run=cmd_train)
+    q.add_argument("--seed", type=int, default=0, help="model initialisation, data order and scenes")
+    _objective_options(q)
+    _data_options(q, images=1000)
 
-    q = sub.add_parser("evaluate", help="caption held-out images and score them")
+    q = command("evaluate", cmd_evaluate, "caption held-out images and score them")
     q.add_argument("--model", required=True)
-    q.add_argument("--out", help="write metrics and captions to this JSON file")
-    data_options(q, images=100)
-    decoding(q)
-    q.set_defaults(run=cmd_evaluate, seed=10_000)
+    q.add_argument("--out", help="write the metrics and every caption with its image's file name to this JSON file")
+    q.add_argument("--seed", type=int, default=10_000,
+                   help="scenes: the seed of the held-out scenes (default: %(default)s)")
+    _data_options(q, images=100)
+    _decoding(q)
 
-    q = sub.add_parser("caption", help="caption images with a trained model")
+    q = command("caption", cmd_caption, "caption images with a trained model")
     q.add_argument("--model", required=True)
     q.add_argument("images", nargs="+", help="image files")
-    decoding(q)
-    q.set_defaults(run=cmd_caption)
+    _decoding(q)
 
-    q = sub.add_parser("compare", help="fine-tune one captioner with each objective and compare them")
+    q = command("compare", cmd_compare, "fine-tune one captioner with each objective and compare them")
+    defaults = _compare_defaults()
+
+    def default(value: Any) -> str:
+        return f"(default: {value})" if defaults is not None else "(default: the built-in setting)"
+
     q.add_argument("--out", default="runs/compare")
     q.add_argument("--objectives", default="mle;smile",
                    help="';'-separated objectives, e.g. 'mle;smile;mle=0.01,smile=0.99' (default: %(default)s)")
-    defaults = CompareSettings()
-    q.add_argument("--train-images", type=int, default=defaults.train_images)
-    q.add_argument("--test-images", type=int, default=defaults.test_images)
-    q.add_argument("--stage1-steps", type=int, default=defaults.stage1.steps, help="MLE steps from scratch (cached)")
-    q.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps, help="fine-tuning steps per objective")
+    q.add_argument("--train-images", type=int, help="scenes generated for training " + default(
+        defaults and defaults.train_images))
+    q.add_argument("--test-images", type=int, help="held-out scenes " + default(defaults and defaults.test_images))
+    q.add_argument("--stage1-steps", type=int, help="MLE steps from scratch, cached " + default(
+        defaults and defaults.stage1.steps))
+    q.add_argument("--stage2-steps", type=int, help="fine-tuning steps per objective " + default(
+        defaults and defaults.stage2_steps))
     q.add_argument("--cache-dir", help="where stage 1 is cached (default: ~/.cache/seqloss)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
-    q.set_defaults(run=cmd_compare)
+    _objective_options(q)
+    _data_options(q, images=None)
 
-    q = sub.add_parser("explain", help="per-token loss of a caption under MLE and SMILE, as a bar chart")
+    q = command("explain", cmd_explain, "per-token loss of a caption under MLE and SMILE, as a bar chart")
     q.add_argument("--model", required=True)
     q.add_argument("--image", required=True)
     q.add_argument("--caption", required=True)
     q.add_argument("--out", default="explain.png")
-    q.set_defaults(run=cmd_explain)
 
-    q = sub.add_parser("scenes", help="write the scenes data set (images + metadata.jsonl + tokenizer)")
+    q = command("scenes", cmd_scenes, "write the scenes data set (images + metadata.jsonl + tokenizer)")
     q.add_argument("--out", required=True)
     q.add_argument("--n", type=int, default=500)
     q.add_argument("--seed", type=int, default=0)
-    q.set_defaults(run=cmd_scenes)
 
-    q = sub.add_parser("bench", help="the loss benchmark (arguments go to benchmarks/bench_losses.py)")
+    q = command("bench", cmd_bench, "the loss benchmark (arguments go to benchmarks/bench_losses.py)")
     q.add_argument("rest", nargs=argparse.REMAINDER)
-    q.set_defaults(run=cmd_bench)
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Run a command; a user error exits with 2 after one line on stderr (the traceback with --debug)."""
+    from ._lazy import require
     args = parser().parse_args(argv)
-    args.run(args)
+    try:
+        for module in NEEDS[args.command]:
+            require(module, "workbench")
+        args.run(args)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"seqloss: error: {_one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("seqloss: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

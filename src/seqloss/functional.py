@@ -1,4 +1,6 @@
-"""The objectives on logits, with ``torch.nn.functional``-style signatures.
+"""Every public function, with ``torch.nn.functional``-style signatures: the objectives on logits,
+and ``linear_loss`` (the fused LM head). Each validates its call once (``_validate.check_call``) and
+hands it to the one dispatch point (``dispatch.py``).
 
 Common keywords of every function (DESIGN §2):
 
@@ -10,19 +12,25 @@ Common keywords of every function (DESIGN §2):
   ``"none"`` (same shape as labels, aligned with the logits positions, 0 where there is no target),
   ``"sequence"`` (per-row sums, BLIP's ``reduction='none'``).
 * ``num_items_in_batch=None`` — Hugging Face's gradient-accumulation denominator.
-* ``impl="auto"`` — ``"reference"`` (dense spec), ``"torch"`` (efficient, any device), ``"auto"``.
+* ``impl="auto"`` — ``"reference"`` (dense spec), ``"torch"`` (efficient, any device), ``"triton"``
+  (GPU kernels; CPU tensors only under ``TRITON_INTERPRET=1``), ``"auto"`` (``"torch"`` for now).
 
-Losses are fp32 whatever the logits' dtype; gradients come back in the logits' dtype.
+Losses are fp32 whatever the inputs' dtype, with fp32 math inside, also under ``torch.autocast``;
+each gradient comes back in its input's dtype. Every function compiles with
+``torch.compile(fullgraph=True)`` (traced, the engines are opaque custom ops; see
+``seqloss.autograd``); under tracing, checks that read tensor values are skipped, and ``random_subset`` draws from the global
+RNG (Dynamo cannot trace a ``torch.Generator``: pass ``generator=None``).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
-from ._validate import COMMON_DEFAULTS, check_common, check_labels, check_logits, check_objective, route_options
-from .losses import dispatch
+from . import dispatch
+from ._validate import check_call
 
 Objective = Union[str, Mapping[str, float]]
 
@@ -33,14 +41,7 @@ def objective_loss(logits: Tensor, labels: Tensor, objective: Objective = "mle",
     ``logits`` (..., N, V) and ``labels`` (..., N). Options of the mixture's members (``exclude_ids``,
     ``eos_token_id``, ...) go to the members that accept them; an option none accepts is a TypeError.
     """
-    common = check_common({k: v for k, v in options.items() if k in COMMON_DEFAULTS})
-    check_logits(logits)
-    *lead, N, V = logits.shape
-    lead = tuple(lead)
-    check_labels(labels, (*lead, N), V, common.ignore_index)
-    members = route_options(check_objective(objective),
-                            {k: v for k, v in options.items() if k not in COMMON_DEFAULTS}, V, lead, N)
-    return dispatch(logits, labels, members, common)
+    return dispatch.logits_loss(logits, check_call(objective, options, logits=logits, labels=labels))
 
 
 def cross_entropy(logits: Tensor, labels: Tensor, **common: Any) -> Tensor:
@@ -89,3 +90,17 @@ def subset_cross_entropy(logits: Tensor, labels: Tensor, *, include: Optional[Te
     shifted with them), or ``exclude`` (..., K) per row; negative entries are padding.
     """
     return objective_loss(logits, labels, "subset", include=include, exclude=exclude, **common)
+
+
+def linear_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                objective: Objective = "mle", **options: Any) -> Tensor:
+    """Any objective on ``hidden @ weight.T + bias`` without materialising those logits (the fused LM head).
+
+    ``hidden`` (..., N, H), ``weight`` (V, H) (``nn.Linear`` / ``lm_head.weight`` layout), ``bias``
+    (V,) or None, ``labels`` (..., N) unshifted. Takes every option of :func:`objective_loss`;
+    ``impl="reference"`` builds the logits and runs the dense spec. Dtypes may differ: under
+    ``torch.autocast`` the head runs in autocast's dtype (as ``F.linear`` would), elsewhere in the
+    widest of the three; the softmax math is fp32 and each gradient comes back in its input's dtype.
+    """
+    call = check_call(objective, options, hidden=hidden, weight=weight, bias=bias, labels=labels)
+    return dispatch.linear_loss(hidden, weight, bias, call)

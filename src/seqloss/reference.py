@@ -8,18 +8,51 @@ SMILE authors' code build it, then one masked log-softmax:
 with label smoothing ε spread over the support:
     (1 - ε) · (-log p_y) + ε · mean_{v in S(b,n)} (-log p_v).
 
-This module materialises (B, N, V) masks and masked copies of the logits on purpose; the efficient
-path in ``losses.py`` never does. Inputs here are already validated and flattened: logits (B, N, V),
-targets (B, N) shifted, with ``ignore_index`` where there is no target.
+This module materialises (B, N, V) masks and masked copies of the logits on purpose; the engines
+never do. It builds every mask from the labels alone and imports nothing from the code it checks
+(the shift, the first supervised position and the random draws are written out again here).
+Inputs are already validated and flattened: logits (B, N, V), labels (B, N) unshifted.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .support import Targets, draw_random_candidates, first_supervised, shift_candidates
+
+@dataclass(frozen=True)
+class Targets:
+    """Shifted labels of a (B, N) batch."""
+
+    labels: Tensor       # (B, N) long, ignore_index where there is no target
+    target_mask: Tensor  # (B, N) bool, True = has a target
+    vocab_size: int
+    shift: bool
+
+
+def targets(labels: Tensor, vocab_size: int, shift: bool, ignore_index: int) -> Targets:
+    """Position n predicts ``labels[n + 1]`` when ``shift`` (the last position has no target)."""
+    labels = labels.long()
+    if shift:
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)
+    return Targets(labels, labels != ignore_index, vocab_size, shift)
+
+
+def first_supervised(target_mask: Tensor) -> Tensor:
+    """(B, N) bool: the first position of each row with a target."""
+    targets_so_far = target_mask.long().cumsum(dim=1)                 # (B, N)
+    return target_mask & (targets_so_far == 1)
+
+
+def random_draws(shape: tuple[int, int], vocab_size: int, num_samples: int,
+                 generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """(B, N, num_samples) ids uniform in [0, V) with replacement, drawn on the generator's device
+    (CPU without one), as the library promises: the same generator gives the same draws."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(vocab_size, (*shape, num_samples), generator=generator, device=gen_device).to(device)
 
 
 def _row_token_mask(t: Targets) -> Tensor:
@@ -60,7 +93,7 @@ def smile_mask(t: Targets, *, first_token_mle: bool = True, exclude_ids: Sequenc
 def random_subset_mask(t: Targets, *, num_samples: int = 10, generator: Optional[torch.Generator] = None,
                        exclude_ids: Sequence[int] = ()) -> Tensor:
     B, N = t.labels.shape
-    draws = draw_random_candidates((B, N), t.vocab_size, num_samples, generator, t.labels.device)
+    draws = random_draws((B, N), t.vocab_size, num_samples, generator, t.labels.device)
     support = torch.zeros(B, N, t.vocab_size, dtype=torch.bool, device=t.labels.device)
     support.scatter_(2, draws, True)                                 # (B, N, V)
     return _with_label(t, _without(exclude_ids, support))
@@ -85,17 +118,18 @@ def subset_mask(t: Targets, *, include: Optional[Tensor] = None, exclude: Option
         if ids.dim() == 2:                                           # (B, K) per row
             ids = ids.unsqueeze(1).expand(-1, N, -1)
         else:                                                        # (B, N, K) per label position
-            ids = shift_candidates(ids, t.shift)
+            ids = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -1)], dim=1) if t.shift else ids
         ids = torch.where(ids < 0, V, ids)                           # padding → a spare column
         support = torch.zeros(B, N, V + 1, dtype=torch.bool, device=device)
         support.scatter_(2, ids, True)
         return _with_label(t, support[..., :V].contiguous())
+    assert exclude is not None  # validation asks for exactly one of include and exclude
     ids = torch.where(exclude < 0, V, exclude.to(device, torch.long))
     excluded = torch.zeros(B, V + 1, dtype=torch.bool, device=device).scatter_(1, ids, True)[:, :V]
     return _with_label(t, (~excluded).unsqueeze(1).expand(-1, N, -1))
 
 
-MASKS = {
+MASKS: dict[str, Callable[..., Tensor]] = {
     "mle": mle_mask,
     "smile": smile_mask,
     "random_subset": random_subset_mask,
@@ -117,8 +151,11 @@ def token_losses(logits: Tensor, t: Targets, support: Tensor, label_smoothing: f
     return torch.where(t.target_mask, nll, torch.zeros_like(nll))
 
 
-def objective_token_losses(logits: Tensor, t: Targets, members, label_smoothing: float) -> Tensor:
-    """Weighted sum over ``members`` = [(weight, name, options)] of each member's token losses."""
+def objective_token_losses(logits: Tensor, labels: Tensor, members: list[tuple[float, str, dict[str, Any]]], *,
+                           shift: bool, ignore_index: int, label_smoothing: float) -> Tensor:
+    """(B, N) fp32: the weighted sum over ``members`` = [(weight, name, options)] of each member's
+    token losses, on logits (B, N, V) and unshifted labels (B, N)."""
+    t = targets(labels, logits.shape[-1], shift, ignore_index)
     total = torch.zeros(t.labels.shape, dtype=torch.float32, device=logits.device)
     for weight, name, options in members:
         total = total + weight * token_losses(logits, t, MASKS[name](t, **options), label_smoothing)

@@ -8,7 +8,7 @@ smoothing ε the loss is ``lse - (1-ε)·z_y - ε·mean_{v∈S} z_v`` and its gr
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -48,7 +48,7 @@ def full_rows(z: Tensor, y: Tensor, exclude: Optional[Tensor], eps: float, w: Op
     return tok
 
 
-def candidates(ids: Tensor, y: Tensor, positions: Tensor) -> Tuple[Tensor, Tensor]:
+def candidates(ids: Tensor, y: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     """Candidate ids (..., K+1) with the label last, and which of them count.
 
     ``ids`` (..., K) PAD-padded and unique, ``y`` (..., 1), ``positions`` (...) bool. A list entry
@@ -59,7 +59,7 @@ def candidates(ids: Tensor, y: Tensor, positions: Tensor) -> Tuple[Tensor, Tenso
     return cand, valid & positions.unsqueeze(-1)
 
 
-def list_rows(z: Tensor, valid: Tensor, eps: float, w: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+def list_rows(z: Tensor, valid: Tensor, eps: float, w: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
     """Candidate logits ``z`` (..., K+1) fp32, label last → loss (..., 1) and, given ``w`` (..., 1),
     the gradient (..., K+1) of Σ w·loss (0 at invalid candidates)."""
     K = z.shape[-1] - 1

@@ -16,8 +16,9 @@ Both the efficient path and the tests build on these structures; the dense spec 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -43,7 +44,7 @@ class ListSupport:
     full_positions: Optional[Tensor] = None
 
 
-Support = "FullSupport | ListSupport"
+Support = Union[FullSupport, ListSupport]
 
 
 # --- targets -----------------------------------------------------------------------------------
@@ -92,6 +93,9 @@ def canonical_ids(ids: Tensor, drop: Optional[Tensor] = None) -> Tensor:
     ids = torch.where(repeat | (ids == big), torch.full_like(ids, PAD), ids)
     ids, _ = torch.where(ids < 0, torch.full_like(ids, big), ids).sort(dim=-1)  # valid ids first
     ids = torch.where(ids == big, torch.full_like(ids, PAD), ids)
+    if torch.compiler.is_compiling():  # the trim reads data; under tracing keep K (same losses, padded)
+        return ids.contiguous() if ids.shape[-1] else torch.full((*ids.shape[:-1], 1), PAD, dtype=ids.dtype,
+                                                                       device=ids.device)
     width = max(int((ids >= 0).sum(dim=-1).max()) if ids.numel() else 0, 1)
     if ids.shape[-1] < width:  # only when K was 0
         return torch.full((*ids.shape[:-1], width), PAD, dtype=ids.dtype, device=ids.device)
@@ -104,7 +108,7 @@ def row_token_sets(labels: Tensor, target_mask: Tensor, drop: Optional[Tensor] =
     return canonical_ids(ids, drop).unsqueeze(1)
 
 
-def draw_random_candidates(shape: Tuple[int, int], vocab_size: int, num_samples: int,
+def draw_random_candidates(shape: tuple[int, int], vocab_size: int, num_samples: int,
                            generator: Optional[torch.Generator], device: torch.device) -> Tensor:
     """(B, N, num_samples) ids drawn uniformly from [0, V) with replacement.
 
@@ -145,7 +149,8 @@ def smile_support(t: Targets, *, first_token_mle: bool = True, exclude_ids: Sequ
 
 def random_subset_support(t: Targets, *, num_samples: int = 10, generator: Optional[torch.Generator] = None,
                           exclude_ids: Sequence[int] = ()) -> ListSupport:
-    draws = draw_random_candidates(tuple(t.labels.shape), t.vocab_size, num_samples, generator, t.labels.device)
+    B, N = t.labels.shape
+    draws = draw_random_candidates((B, N), t.vocab_size, num_samples, generator, t.labels.device)
     return ListSupport(canonical_ids(draws, _exclude_tensor(exclude_ids, t.labels.device)))
 
 
@@ -167,6 +172,7 @@ def subset_support(t: Targets, *, include: Optional[Tensor] = None, exclude: Opt
         if include.dim() == t.labels.dim():  # (B, K): one list per row
             return ListSupport(canonical_ids(include).unsqueeze(1))
         return ListSupport(canonical_ids(shift_candidates(include, t.shift)))  # (B, N, K)
+    assert exclude is not None  # validation asks for exactly one of include and exclude
     return FullSupport(canonical_ids(exclude.to(t.labels.device, torch.long)).unsqueeze(1))
 
 
@@ -175,10 +181,10 @@ class Objective:
     """A support rule and the keyword options it accepts (beyond the common ones)."""
 
     build: Callable[..., Support]
-    options: Tuple[str, ...]
+    options: tuple[str, ...]
 
 
-OBJECTIVES: Dict[str, Objective] = {
+OBJECTIVES: dict[str, Objective] = {
     "mle": Objective(mle_support, ()),
     "smile": Objective(smile_support, ("first_token_mle", "exclude_ids")),
     "random_subset": Objective(random_subset_support, ("num_samples", "generator", "exclude_ids")),

@@ -7,7 +7,7 @@ import torch
 
 import seqloss
 import seqloss.hf
-from tests.hf.models import FAMILIES, blip, blip_batch, causal_batch, gpt2, llama, t5, seq2seq_batch
+from tests.hf.models import FAMILIES, blip, blip_batch, causal_batch, gpt2, llama, t5
 
 SHIFTED = {"gpt2", "llama", "llava-style", "blip"}
 
@@ -184,3 +184,49 @@ def test_bad_patch_arguments_fail_at_patch_time(bad, error, word):
     with pytest.raises(error, match=word):
         seqloss.hf.patch(model, **bad)
     assert seqloss.hf.patched_objective(model) is None
+
+
+@pytest.mark.parametrize("make", [gpt2, llama])
+def test_fused_tuple_outputs_keep_their_layout(make):
+    torch.manual_seed(0)
+    model, batch = make(), causal_batch()
+    seqloss.hf.patch(model, "smile")
+    unfused = model(**batch, return_dict=False)
+    seqloss.hf.patch(model, "smile", fused=True)
+    fused = model(**batch, return_dict=False)
+    assert len(fused) == len(unfused) >= 3                  # (loss, logits, past_key_values, ...)
+    assert fused[1] is None and unfused[1].shape == (3, 9, 61)
+    torch.testing.assert_close(fused[0], unfused[0], rtol=1e-5, atol=1e-6)
+    assert [type(item) for item in fused[2:]] == [type(item) for item in unfused[2:]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="labels on another device than the model need a GPU")
+@pytest.mark.parametrize("name, fused", [("llama", False), ("llama", True), ("t5", False), ("blip", False)])
+def test_labels_on_another_device_follow_the_logits(name, fused):
+    model, batch = _model(name)
+    seqloss.hf.patch(model, "smile", fused=fused)
+    expected = model(**batch).loss
+    model.cuda()
+    inputs = {k: v.cuda() if k != "labels" else v for k, v in batch.items()}   # labels stay on the CPU
+    loss = model(**inputs).loss
+    assert loss.device.type == "cuda"
+    torch.testing.assert_close(loss.cpu(), expected, rtol=1e-4, atol=1e-5)
+    if name == "llama":
+        outputs = seqloss.hf.unpatch(model)(input_ids=inputs["input_ids"])
+        computed = seqloss.hf.compute_loss_func("smile")(outputs, batch["labels"])
+        torch.testing.assert_close(computed.cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, fused", [("llama", True), ("t5", False), ("bart", False)])
+def test_arguments_given_by_position_are_not_missed(name, fused):
+    import inspect
+
+    model, batch = _model(name)
+    seqloss.hf.patch(model, "smile", fused=fused)
+    expected = model(**batch).loss
+    names = list(inspect.signature(type(model).forward).parameters)[1:]   # without self
+    position = names.index("labels")
+    args = [batch.get(key) for key in names[:position + 1]]
+    torch.testing.assert_close(model(*args).loss, expected, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="multiple values"):
+        model(*args, labels=batch["labels"])

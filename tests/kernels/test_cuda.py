@@ -15,8 +15,7 @@ pytest.importorskip("triton")
 
 import seqloss  # noqa: E402
 from seqloss import kernels  # noqa: E402
-from tests.conftest import (MIXTURE, OBJECTIVE_NAMES, assert_close_fp32, assert_low_precision,  # noqa: E402
-                            generator)
+from tests.conftest import MIXTURE, OBJECTIVE_NAMES, assert_close_fp32, assert_low_precision, generator  # noqa: E402
 
 CUDA = torch.device("cuda")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or kernels.unavailable_reason(CUDA) is not None,

@@ -11,10 +11,21 @@ pytest.importorskip("triton")
 
 import seqloss  # noqa: E402
 from seqloss import kernels  # noqa: E402
-from tests.conftest import (OBJECTIVES_AND_MIXTURE, REDUCTIONS, assert_low_precision, batches,  # noqa: E402
-                            compare_impls, loss_and_grad, make_labels, make_logits, objective_of, options_of,
-                            output_shape, random_grad_output)
-from tests.test_linear import VARIANTS, _inputs, compare_head, run_head, variant  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    OBJECTIVES_AND_MIXTURE,
+    REDUCTIONS,
+    assert_low_precision,
+    batches,
+    compare_impls,
+    loss_and_grad,
+    make_labels,
+    make_logits,
+    objective_of,
+    options_of,
+    output_shape,
+    random_grad_output,
+)
+from tests.test_torch_linear import VARIANTS, _inputs, compare_head, run_head, variant  # noqa: E402
 
 pytestmark = pytest.mark.skipif(kernels.unavailable_reason(torch.device("cpu")) is not None,
                                 reason="the kernels run on CPU tensors only under TRITON_INTERPRET=1")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqloss.kernels.parts import _bitmap, blocks_for, combine, full_part, list_part, parts_of, slot_values
-from seqloss.losses import plan_of, targets_of
 from seqloss._validate import check_common, check_objective, route_options
+from seqloss.kernels.parts import _bitmap, blocks_for, combine, full_part, list_part, parts_of, slot_values
+from seqloss.plan import plan_of, targets_of
 from tests.conftest import make_labels
 
 

@@ -1,7 +1,7 @@
 """Batches for the masking tests: right-padded item ids with chosen or random row lengths."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from hypothesis import strategies as st
@@ -36,7 +36,7 @@ def lengths_of(item_ids: Tensor, padding_idx: int = 0) -> Tensor:
 
 
 @st.composite
-def batches(draw, max_B: int = 6, max_L: int = 12) -> "tuple[Tensor, int]":
+def batches(draw, max_B: int = 6, max_L: int = 12) -> tuple[Tensor, int]:
     """Hypothesis: (item_ids, padding_idx) with any mix of empty, 1-item, partial and full rows."""
     L = draw(st.integers(1, max_L))
     lengths = draw(st.lists(st.integers(0, L), min_size=1, max_size=max_B))

@@ -5,8 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import seqloss.masking as masking
 from seqloss.masking.common import IGNORE_INDEX

@@ -6,8 +6,7 @@ from itertools import permutations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from seqloss.masking.plm import permutation_mask, sample_spans
 

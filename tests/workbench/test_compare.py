@@ -7,7 +7,8 @@ import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
-from seqloss.workbench.compare import CompareSettings, compare, objective_name, parse_objective  # noqa: E402
+from seqloss.workbench import compare as compare_module  # noqa: E402
+from seqloss.workbench.compare import CompareSettings, compare, objective_name, parse_objective, stage1_key  # noqa: E402
 from seqloss.workbench.report import COLUMNS  # noqa: E402
 from seqloss.workbench.train import TrainSettings  # noqa: E402
 
@@ -42,3 +43,18 @@ def test_objectives_read_and_print_alike(text, objective):
 def test_unreadable_objectives_are_refused(bad):
     with pytest.raises(ValueError, match="objective"):
         parse_objective(bad)
+
+
+def test_stage_one_cache_key_changes_with_the_model_config(monkeypatch):
+    settings = CompareSettings()
+    before = stage1_key(settings)
+    assert stage1_key(CompareSettings()) == before
+    build = compare_module.small_blip_config
+
+    def deeper(tokenizer, image_size):
+        config = build(tokenizer, image_size)
+        config.text_config.num_hidden_layers += 1
+        return config
+
+    monkeypatch.setattr(compare_module, "small_blip_config", deeper)
+    assert stage1_key(settings) != before

@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("transformers")
 from seqloss.workbench import scenes  # noqa: E402
-from seqloss.workbench.model import load_captioner, new_captioner  # noqa: E402
+from seqloss.workbench.model import config_fingerprint, load_captioner, new_captioner, small_blip_config  # noqa: E402
 from seqloss.workbench.tokenizer import scene_tokenizer  # noqa: E402
 
 
@@ -34,3 +34,31 @@ def test_save_and_load_round_trip_and_both_decoders(tmp_path):
 def test_loading_a_folder_that_is_not_a_model_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         load_captioner(tmp_path)
+
+
+def test_the_vision_tower_starts_with_position_information():
+    # BlipVisionConfig's initializer_range (1e-10, meant for loading weights) would start the position
+    # embedding at ~0: a tower trained from scratch then sees no position; the small config sets 0.02.
+    captioner = new_captioner(scene_tokenizer())
+    embeddings = captioner.model.vision_model.embeddings
+    assert embeddings.position_embedding.std() > 1e-3
+    assert embeddings.patch_embedding.weight.std() > 1e-3
+    config = captioner.model.config.vision_config
+    assert config.image_size // config.patch_size == 3  # one patch per cell of the scenes' grid
+
+
+def test_pixels_are_normalised_with_the_training_images_statistics(tmp_path):
+    images = [e.image for e in scenes.generate(8)]
+    captioner = new_captioner(scene_tokenizer(), images=images)
+    pixels = captioner.pixels(images)
+    assert pixels.mean().abs() < 0.1 and (pixels.std() - 1).abs() < 0.1
+    loaded = load_captioner(captioner.save(tmp_path / "model"))
+    torch.testing.assert_close(loaded.pixels(images), pixels)
+
+
+def test_the_config_fingerprint_follows_the_architecture():
+    tokenizer = scene_tokenizer()
+    config = small_blip_config(tokenizer)
+    assert config_fingerprint(config) == config_fingerprint(small_blip_config(tokenizer))
+    config.vision_config.num_hidden_layers += 1
+    assert config_fingerprint(config) != config_fingerprint(small_blip_config(tokenizer))

@@ -85,3 +85,37 @@ def test_torchrun_two_processes_take_the_same_steps_as_one(tmp_path):
     one = _cli_train(tmp_path / "one", ["--batch-size", "8"], [sys.executable])
     assert "trained 3 steps" in two and "trained 3 steps" in one
     assert (tmp_path / "two" / "model" / "config.json").is_file()
+
+
+class Boom(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        raise RuntimeError("boom")
+
+
+def test_the_model_is_unpatched_when_training_fails(tmp_path):
+    from seqloss import hf
+    images, captions = _data(8)
+    captioner = new_captioner(scene_tokenizer())
+    with pytest.raises(RuntimeError, match="boom"):
+        train(captioner, images, captions, _settings(steps=2), tmp_path, progress=False, callbacks=[Boom()])
+    assert hf.patched_objective(captioner.model) is None
+
+
+def test_subset_candidate_lists_train_on_full_batches(tmp_path):
+    from seqloss import hf
+    images, captions = _data(8)  # 40 captions: 5 full batches of 8
+    tok = scene_tokenizer()
+    candidates = tok.convert_tokens_to_ids(["a", "red", "circle", "[SEP]"])
+    settings = _settings(objective="subset", steps=2, objective_options={"include": candidates})
+    patched = []
+
+    class Record(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            patched.append(hf.patched_objective(model))
+
+    out = train(new_captioner(tok), images, captions, settings, tmp_path, progress=False, callbacks=[Record()])
+    assert out["global_step"] == 2
+    assert patched[0]["objective"] == "subset" and patched[0]["options"]["include"].tolist() == [candidates] * 8
+    with pytest.raises(ValueError, match="full batches"):
+        train(new_captioner(tok), images[:1], captions[:1], _settings(objective="subset", steps=2, batch_size=8,
+              objective_options={"exclude": [0]}), tmp_path / "small", progress=False)

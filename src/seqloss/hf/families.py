@@ -11,13 +11,15 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from .heads import linear_head
+
 CAUSAL, SEQ2SEQ, BLIP = "causal", "seq2seq", "blip"
 
 # Config attributes that transform the LM head's output: the fused path (hidden @ W.T) would differ.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def _calls_loss_function(cls: type) -> bool:
+def _calls_loss_function(cls: Any) -> bool:
     """Whether the class's forward computes its loss through ``self.loss_function``."""
     try:
         return "self.loss_function(" in inspect.getsource(cls.forward)
@@ -47,8 +49,9 @@ def check_fusable(model: Any, family: str) -> None:
     if family != CAUSAL:
         raise ValueError(f"fused=True is for causal LMs; {name} is a {family} model (use fused=False)")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or not hasattr(head, "weight") or getattr(head.weight, "dim", lambda: 0)() != 2:
-        raise ValueError(f"fused=True needs a linear LM head; {name}.get_output_embeddings() is {head!r}")
+    if head is None:
+        raise ValueError(f"fused=True needs a linear LM head; {name}.get_output_embeddings() is None")
+    linear_head(head, f"{name}.get_output_embeddings()")  # refuses what it cannot reproduce exactly
     for attribute in _LOGIT_TRANSFORMS:
         value = getattr(model.config, attribute, None)
         if value not in (None, 1, 1.0):

@@ -6,29 +6,28 @@ puts back exactly what was there. With ``objective="mle"`` the patched model rep
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict
+import inspect
+from typing import Any, Callable
 
 from .. import functional
-from .._validate import COMMON_DEFAULTS, check_common, check_objective, route_options
-from ..linear import linear_loss
+from .._validate import check_call
+from ..functional import linear_loss
 from .families import BLIP, CAUSAL, SEQ2SEQ, check_fusable, family_of
+from .heads import linear_head, peft_base_model
 
 _STATE = "_seqloss_patch"
 _RESERVED = ("shift", "num_items_in_batch")  # set by each family's convention, never by the caller
 
 
-def _check_options(model: Any, objective: Any, options: Dict[str, Any]) -> None:
+def _check_options(model: Any, objective: Any, options: dict[str, Any]) -> None:
     """Validate the objective and options at patch time, not at the first training step."""
     for key in _RESERVED:
         if key in options:
             raise TypeError(f"{key} is set by the model family's label convention; do not pass it to patch()")
     if options.get("reduction", "mean") not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' for a model's loss, got {options['reduction']!r}")
-    check_common({k: v for k, v in options.items() if k in COMMON_DEFAULTS})
     owner = model.text_decoder if family_of(model) == BLIP else model
-    vocab_size = owner.get_output_embeddings().weight.shape[0]
-    others = {k: v for k, v in options.items() if k not in COMMON_DEFAULTS and k not in ("include", "exclude")}
-    route_options(check_objective(objective), others, vocab_size, (1,), 1)
+    check_call(objective, options, vocab_size=owner.get_output_embeddings().weight.shape[0])
 
 
 def _replaced(out: Any, **changes: Any) -> Any:
@@ -38,54 +37,66 @@ def _replaced(out: Any, **changes: Any) -> Any:
     return type(out)(**{key: value for key, value in fields.items() if value is not None})
 
 
-def _causal_loss(objective: Any, options: Dict[str, Any]) -> Callable:
+def _causal_loss(objective: Any, options: dict[str, Any]) -> Callable:
     """A drop-in for transformers' ``ForCausalLMLoss`` (same keywords)."""
 
     def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
                       shift_labels=None, **_):
         shift = shift_labels is None
-        return functional.objective_loss(logits, labels if shift else shift_labels, objective, shift=shift,
+        targets = (labels if shift else shift_labels).to(logits.device)
+        return functional.objective_loss(logits, targets, objective, shift=shift,
                                          ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
                                          **options)
 
     return loss_function
 
 
-def _fused_causal_forward(model: Any, original: Callable, objective: Any, options: Dict[str, Any]) -> Callable:
-    """The model's forward with the LM head bypassed: its loss comes from the last hidden states."""
-    head = model.get_output_embeddings()
+def _pass_through(hidden: Any) -> Any:
+    return hidden
 
-    def fused_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
-                   shift_labels=None, **_):
-        hidden = logits  # the bypassed head passed the hidden states through
-        shift = shift_labels is None
-        return linear_loss(hidden, head.weight, labels if shift else shift_labels, bias=head.bias,
-                           objective=objective, shift=shift, ignore_index=ignore_index,
-                           num_items_in_batch=num_items_in_batch, **options)
+
+def _fused_causal_forward(model: Any, original: Callable, objective: Any, options: dict[str, Any]) -> Callable:
+    """The model's forward with the LM head bypassed: its loss comes from the last hidden states and
+    the head's weight (seen through PEFT wrappers, see ``heads.py``; the head is looked up at each call,
+    so an adapter added after ``patch`` counts)."""
+    where = f"{type(model).__name__}.get_output_embeddings()"
 
     @functools.wraps(original)
     def forward(*args, labels=None, **kwargs):
         if labels is None:
             return original(*args, **kwargs)
+        head = model.get_output_embeddings()
+        head_parts = linear_head(head, where)
+
+        def fused_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
+                       shift_labels=None, **_):
+            hidden, weight, bias = head_parts(logits)  # the bypassed head passed its input through
+            shift = shift_labels is None
+            targets = (labels if shift else shift_labels).to(hidden.device)
+            return linear_loss(hidden, weight, targets, bias=bias, objective=objective, shift=shift,
+                               ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, **options)
+
+        # Instance attributes set and removed through __dict__ (what nn.Module's setattr does for
+        # functions): torch.compile replays these; a `del module.attr` after a set it fails to replay.
         previous = model.__dict__.get("_loss_function")
-        head.forward = lambda hidden: hidden
-        model.loss_function = fused_loss
+        head.__dict__["forward"] = _pass_through
+        model.__dict__["_loss_function"] = fused_loss   # what transformers' loss_function setter stores
         try:
             out = original(*args, labels=labels, **kwargs)
         finally:
-            del head.forward
+            head.__dict__.pop("forward", None)
             if previous is None:
-                del model._loss_function
+                model.__dict__.pop("_loss_function", None)
             else:
-                model._loss_function = previous
+                model.__dict__["_loss_function"] = previous
         if isinstance(out, tuple):
-            return (out[0],) + out[2:]
+            return (out[0], None) + out[2:]  # keep the layout: (loss, logits, ...) with no logits
         return _replaced(out, logits=None)  # its "logits" were hidden states: the fused path makes none
 
     return forward
 
 
-def _seq2seq_forward(model: Any, original: Callable, objective: Any, options: Dict[str, Any]) -> Callable:
+def _seq2seq_forward(model: Any, original: Callable, objective: Any, options: dict[str, Any]) -> Callable:
     """T5/BART: decoder inputs from the labels as the model makes them, loss position by position."""
 
     @functools.wraps(original)
@@ -95,13 +106,14 @@ def _seq2seq_forward(model: Any, original: Callable, objective: Any, options: Di
         if kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None:
             kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
         out = original(*args, return_dict=True, **kwargs)
-        out = _replaced(out, loss=functional.objective_loss(out.logits, labels, objective, shift=False, **options))
+        loss = functional.objective_loss(out.logits, labels.to(out.logits.device), objective, shift=False, **options)
+        out = _replaced(out, loss=loss)
         return out if return_dict is not False else out.to_tuple()
 
     return forward
 
 
-def _blip_decoder_forward(decoder: Any, original: Callable, objective: Any, options: Dict[str, Any]) -> Callable:
+def _blip_decoder_forward(decoder: Any, original: Callable, objective: Any, options: dict[str, Any]) -> Callable:
     """BLIP's text decoder: shift inside, its own label smoothing, ``reduction="none"`` = per-caption sums."""
 
     @functools.wraps(original)
@@ -116,10 +128,33 @@ def _blip_decoder_forward(decoder: Any, original: Callable, objective: Any, opti
         elif reduction != "mean":
             settings["reduction"] = reduction
         shift = shift_labels is None
-        return _replaced(out, loss=functional.objective_loss(out.logits, labels if shift else shift_labels,
-                                                             objective, shift=shift, **settings))
+        targets = (labels if shift else shift_labels).to(out.logits.device)
+        return _replaced(out, loss=functional.objective_loss(out.logits, targets, objective, shift=shift,
+                                                             **settings))
 
     return forward
+
+
+def _by_keyword(original: Callable, forward: Callable) -> Callable:
+    """``forward`` (which reads ``labels``, ``decoder_input_ids``, ... by keyword) called as ``original``
+    may be: positional arguments are passed by name, so that none is missed or given twice."""
+    names = [p.name for p in inspect.signature(original).parameters.values()
+             if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+
+    @functools.wraps(original)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if args:
+            if len(args) > len(names):
+                raise TypeError(f"{original.__qualname__}() takes {len(names)} positional arguments, "
+                                f"got {len(args)}")
+            named = dict(zip(names, args))
+            clash = sorted(named.keys() & kwargs.keys())
+            if clash:
+                raise TypeError(f"{original.__qualname__}() got multiple values for argument {clash[0]!r}")
+            kwargs = {**named, **kwargs}
+        return forward(**kwargs)
+
+    return call
 
 
 def patch(model: Any, objective: Any = "smile", fused: bool = False, **options: Any) -> Any:
@@ -128,10 +163,14 @@ def patch(model: Any, objective: Any = "smile", fused: bool = False, **options: 
     Options are those of :func:`seqloss.objective_loss` (``exclude_ids``, ``label_smoothing``, ...);
     the shift and ``num_items_in_batch`` follow the model's family. ``fused=True`` (causal LMs)
     computes the loss from the last hidden states and the LM-head weight without logits; the
-    outputs then carry ``logits=None``. Returns the model; :func:`unpatch` undoes it.
+    outputs then carry ``logits=None`` (tuples keep their layout: ``(loss, None, ...)``). A PEFT
+    model (``get_peft_model``) is patched through its base model, before or after wrapping; with an
+    adapter on the LM head, ``fused=True`` computes the adapted head exactly (LoRA, modules_to_save)
+    or refuses with a ValueError. Returns ``model`` as passed; :func:`unpatch` undoes it.
     """
     if not isinstance(fused, bool):
         raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
+    wrapper, model = model, peft_base_model(model)
     family = family_of(model)
     if fused:
         check_fusable(model, family)
@@ -143,15 +182,17 @@ def patch(model: Any, objective: Any = "smile", fused: bool = False, **options: 
         restore = functools.partial(_restore_attribute, model, "_loss_function", previous)
     elif family in (CAUSAL, SEQ2SEQ):
         make = _fused_causal_forward if fused else _seq2seq_forward
-        model.forward = make(model, type(model).forward.__get__(model), objective, options)
+        original = type(model).forward.__get__(model)
+        model.forward = _by_keyword(original, make(model, original, objective, options))
         restore = functools.partial(_restore_attribute, model, "forward", None)
     else:
         decoder = model.text_decoder
-        decoder.forward = _blip_decoder_forward(decoder, type(decoder).forward.__get__(decoder), objective, options)
+        original = type(decoder).forward.__get__(decoder)
+        decoder.forward = _by_keyword(original, _blip_decoder_forward(decoder, original, objective, options))
         restore = functools.partial(_restore_attribute, decoder, "forward", None)
     setattr(model, _STATE, dict(family=family, objective=objective, fused=fused, options=dict(options),
                                 restore=restore))
-    return model
+    return wrapper
 
 
 def _restore_attribute(owner: Any, name: str, previous: Any) -> None:
@@ -163,7 +204,7 @@ def _restore_attribute(owner: Any, name: str, previous: Any) -> None:
 
 def unpatch(model: Any) -> Any:
     """Undo :func:`patch` (a no-op on a model that is not patched); returns the model."""
-    state = model.__dict__.pop(_STATE, None)
+    state = peft_base_model(model).__dict__.pop(_STATE, None)
     if state is not None:
         state["restore"]()
     return model
@@ -171,5 +212,5 @@ def unpatch(model: Any) -> Any:
 
 def patched_objective(model: Any) -> Any:
     """What ``patch`` installed on this model (family, objective, fused, options), or None."""
-    state = model.__dict__.get(_STATE)
+    state = peft_base_model(model).__dict__.get(_STATE)
     return None if state is None else {k: v for k, v in state.items() if k != "restore"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .. import functional
-from .._validate import check_common, check_objective
+from .._validate import check_call
 
 
 def compute_loss_func(objective: Any = "smile", *, shift: bool = True, **options: Any) -> Callable:
@@ -15,12 +15,11 @@ def compute_loss_func(objective: Any = "smile", *, shift: bool = True, **options
     that gradient accumulation over micro-batches equals one big batch. ``shift=True`` is the
     causal-LM convention; pass ``shift=False`` for seq2seq models (T5, BART).
     """
-    check_objective(objective)
-    check_common({"shift": shift})
+    check_call(objective, {"shift": shift, **options})
 
     def loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        return functional.objective_loss(logits, labels, objective, shift=shift,
+        return functional.objective_loss(logits, labels.to(logits.device), objective, shift=shift,
                                          num_items_in_batch=num_items_in_batch, **options)
 
     return loss

@@ -14,7 +14,9 @@ import torch
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
     """Why the kernels cannot run on ``device`` here, or None when they can."""
-    if importlib.util.find_spec("triton") is None:
+    # Dynamo (torch 2.11) refuses to trace find_spec; traced, a missing Triton still fails loudly
+    # (ImportError) when the op runs.
+    if not torch.compiler.is_compiling() and importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install 'seqloss[triton]')"
     if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return None

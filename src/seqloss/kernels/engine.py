@@ -1,4 +1,4 @@
-"""The Triton engines: the same contracts as the torch engines of ``losses.py`` and ``linear.py``.
+"""The Triton engines: the same contracts as the torch engines of ``torch_logits.py`` and ``torch_linear.py``.
 
 ``logits_forward(logits, plan, need_grad)`` → per-position losses and the (B, N, V) gradient of
 Σ coef·loss, written once (the first full part stores every row, later parts add).
@@ -9,14 +9,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
 from torch import Tensor
 
-from ..linear import _Grads
-from ..losses import Plan, zeros
+from .._buffers import Grads
+from ..plan import Plan
 from . import support_ce as kern
 from .parts import Blocks, Part, blocks_for, combine, interpreting, parts_of, slot_values
 
@@ -47,14 +47,14 @@ class Source:
         return dict(FUSED=self.fused, HAS_BIAS=self.bias is not None, UPCAST=interpreting(),
                     PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
-    def pointers(self) -> Tuple[Tensor, Tensor, Tensor, int, int]:
-        w = self.weight if self.fused else self.x
+    def pointers(self) -> tuple[Tensor, Tensor, Tensor, int, int]:
+        w = self.x if self.weight is None else self.weight
         b = self.bias if self.bias is not None else self.x
         H = self.x.shape[1] if self.fused else 0
         return self.x, w, b, H, w.stride(0)
 
 
-def _layout(part: Part, src: Source) -> Tuple[int, int, int, Tensor, Tensor, Tensor]:
+def _layout(part: Part, src: Source) -> tuple[int, int, int, Tensor, Tensor, Tensor]:
     """G, M, C and the (possibly placeholder) tensors for the cols, brows and bitmap arguments."""
     G, M = part.rows.shape
     C = src.vocab_size if part.cols is None else part.cols.shape[1]
@@ -64,7 +64,7 @@ def _layout(part: Part, src: Source) -> Tuple[int, int, int, Tensor, Tensor, Ten
     return G, M, C, cols, brows, bitmap
 
 
-def statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """lse, Σ z, support size and label logit of every slot of a part (each (P,) fp32)."""
     G, M, C, cols, brows, bitmap = _layout(part, src)
     P = G * M
@@ -113,7 +113,7 @@ def _add_losses(loss: Tensor, part: Part, alpha: float, eps: float,
     loss.index_add_(0, part.slots[on], alpha * tok[on])
 
 
-def _run_parts(src: Source, plan: Plan, parts: List[Tuple[float, Part]], weights: Optional[Tensor], loss: Tensor,
+def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights: Optional[Tensor], loss: Tensor,
                gx: Optional[Tensor], gw: Optional[Tensor] = None, gb: Optional[Tensor] = None) -> None:
     """Every part: losses, and gradients weighted by ``weights`` (B, N) when given. Only a first
     part that covers every position stores; the others add."""
@@ -132,7 +132,7 @@ def _run_parts(src: Source, plan: Plan, parts: List[Tuple[float, Part]], weights
                       store=i == 0 and part.covers_all)
 
 
-def logits_forward(logits: Tensor, plan: Plan, need_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
+def logits_forward(logits: Tensor, plan: Plan, need_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
     """Per-position losses (B, N) fp32 and, if asked, the gradient of Σ coef·loss w.r.t. the logits."""
     B, N, V = logits.shape
     x = logits.reshape(B * N, V)
@@ -148,13 +148,13 @@ def logits_forward(logits: Tensor, plan: Plan, need_grad: bool) -> Tuple[Tensor,
 
 
 def linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, w_all: Optional[Tensor],
-                   need: Tuple[bool, bool, bool]) -> Tuple[Tensor, _Grads]:
+                   need: tuple[bool, bool, bool]) -> tuple[Tensor, Grads]:
     """Per-position losses (B, N) and, when ``w_all`` (B, N) is given, fp32 gradients of Σ w·loss."""
     B, N, H = hidden.shape
     V = weight.shape[0]
-    grads = _Grads.allocate(B * N, H, V, hidden.device, w_all is not None, need)
+    grads = Grads.allocate(B * N, H, V, hidden.device, w_all is not None, need)
     if grads.want_weight:  # the kernels add into it from the start
-        grads.weight = zeros((V, H), dtype=torch.float32, device=hidden.device)
+        grads.weight_buffer(hidden.device)
     src = Source(hidden.reshape(B * N, H).contiguous(), V, weight.contiguous(),
                  None if bias is None else bias.contiguous())
     loss = torch.zeros(B * N, dtype=torch.float32, device=hidden.device)

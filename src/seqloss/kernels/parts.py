@@ -12,13 +12,14 @@ The host turns each part's statistics into losses; the kernels never see objecti
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..losses import Plan, mostly, support_parts
+from ..plan import Plan, mostly
 
 
 @dataclass
@@ -100,17 +101,17 @@ def list_part(ids: Tensor, positions: Tensor) -> Part:
     return Part(rows.reshape(B * N, 1), positions, cols=ids.reshape(B * N, ids.shape[-1]).contiguous())
 
 
-def parts_of(plan: Plan, vocab_size: int, cover_first: bool) -> Iterator[Tuple[float, Part]]:
+def parts_of(plan: Plan, vocab_size: int, cover_first: bool) -> Iterator[tuple[float, Part]]:
     """(weight, part) for every launch the plan needs; with ``cover_first`` the first part may
     cover every position (see :func:`full_part`)."""
-    for i, part in enumerate(support_parts(plan)):
+    for i, part in enumerate(plan.parts):
         if part.ids is None:
             yield part.alpha, full_part(part.exclude, part.positions, vocab_size, cover_first and i == 0)
         else:
             yield part.alpha, list_part(part.ids, part.positions)
 
 
-def combine(stats: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def combine(stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Split statistics (4, S, P): max, Σ exp(z - max), Σ z, count → lse, Σ z, count per slot."""
     m, s, zsum, size = stats
     top = m.amax(0)

@@ -10,15 +10,15 @@ Schemes: causal LM (``CausalLM``), masked LM (``MaskedLM``), XLNet's permutation
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Type
+from typing import Any
 
 from .clm import CausalLM
 from .common import IGNORE_INDEX, MODES, MaskingOutput, MaskingScheme, check_options
-from .mlm import MaskEmbedding, MaskedLM
+from .mlm import MaskedLM, MaskEmbedding
 from .plm import PermutationLM
 from .rtd import ReplacementTokenDetection, electra_loss
 
-SCHEMES: Dict[str, Type[MaskingScheme]] = {
+SCHEMES: dict[str, type[MaskingScheme]] = {
     "clm": CausalLM, "causal": CausalLM,
     "mlm": MaskedLM, "masked": MaskedLM,
     "plm": PermutationLM, "permutation": PermutationLM,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -74,10 +74,11 @@ def check_probability(name: str, value: Any, *, open_interval: bool) -> float:
     """A probability in (0, 1) (a rate of targets: 0 or 1 would give no or all targets) or in [0, 1]."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    inside = 0.0 < value < 1.0 if open_interval else 0.0 <= value <= 1.0
+    probability = float(value)
+    inside = 0.0 < probability < 1.0 if open_interval else 0.0 <= probability <= 1.0
     if not inside:
         raise ValueError(f"{name} must be in {'(0, 1)' if open_interval else '[0, 1]'}, got {value}")
-    return float(value)
+    return probability
 
 
 def check_mode(mode: Any) -> str:
@@ -114,7 +115,7 @@ def check_item_ids(item_ids: Any, padding_idx: int) -> Tensor:
     return is_item.count_nonzero(dim=1)
 
 
-def check_options(scheme: str, options: Dict[str, Any], accepted: Any) -> None:
+def check_options(scheme: str, options: dict[str, Any], accepted: Any) -> None:
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(f"{scheme} masking got unknown option(s) {unknown}; it accepts {sorted(accepted)}")

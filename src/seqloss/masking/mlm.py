@@ -11,8 +11,19 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .common import (MaskingOutput, MaskingScheme, check_int, check_probability, item_mask, last_item_mask,
-                     next_item_targets, slot_output, some_but_not_all, targets_where, unhidden_output)
+from .common import (
+    MaskingOutput,
+    MaskingScheme,
+    check_int,
+    check_probability,
+    item_mask,
+    last_item_mask,
+    next_item_targets,
+    slot_output,
+    some_but_not_all,
+    targets_where,
+    unhidden_output,
+)
 
 
 @functools.lru_cache(maxsize=64)

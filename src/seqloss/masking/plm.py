@@ -11,8 +11,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .common import (MaskingOutput, MaskingScheme, check_bool, check_int, check_probability, item_mask,
-                     last_item_mask, positions, slot_output, some_but_not_all, targets_where)
+from .common import (
+    MaskingOutput,
+    MaskingScheme,
+    check_bool,
+    check_int,
+    check_probability,
+    item_mask,
+    last_item_mask,
+    positions,
+    slot_output,
+    some_but_not_all,
+    targets_where,
+)
 
 
 def sample_spans(lengths: Tensor, length: int, probability: float, max_span_length: int,

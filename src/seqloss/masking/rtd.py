@@ -6,7 +6,8 @@ items; its samples replace them, and a discriminator learns which items were rep
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ class ReplacementTokenDetection(MaskedLM):
         self.sample_from_batch = check_bool("sample_from_batch", sample_from_batch)
 
     def corrupt(self, item_ids: Tensor, out: MaskingOutput, generator_logits: Tensor,
-                generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+                generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
         """The discriminator's inputs and labels.
 
         Every target position of ``out`` (from ``self(item_ids, ...)``) gets an id sampled from the
@@ -91,7 +92,7 @@ class ReplacementTokenDetection(MaskedLM):
             corrupted[where] = (originals[sampled] if self.sample_from_batch else sampled).to(item_ids.dtype)
         return corrupted, corrupted != item_ids
 
-    def _unsampleable(self, num_ids: int) -> Tuple[int, ...]:
+    def _unsampleable(self, num_ids: int) -> tuple[int, ...]:
         """The ids a replacement over ``num_ids`` ids may not be: padding and [MASK]."""
         special = tuple(i for i in (self.padding_idx, self.mask_token_id) if i is not None and i < num_ids)
         if num_ids <= len(special):

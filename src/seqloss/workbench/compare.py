@@ -2,7 +2,9 @@
 
 Stage 1 trains a captioner with MLE from scratch (cached by its settings: a second run skips it).
 Stage 2 fine-tunes a copy of that checkpoint per objective with the same budget. All are evaluated
-on held-out scenes and reported (``report.py``).
+on held-out scenes and reported (``report.py``). On user data (``data=``), the captioner's vocabulary
+comes from the training captions and the held-out images have no scene truth: recall and
+hallucination are absent from the report, the other columns present.
 """
 from __future__ import annotations
 
@@ -12,13 +14,15 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import scenes
+from .data import CaptionRecord
 from .evaluate import EvalSet, Generation, evaluate
-from .model import load_captioner, new_captioner
+from .model import IMAGE_SIZE, config_fingerprint, load_captioner, new_captioner, small_blip_config
+from .objectives import ObjectiveOptions, check, options_per_objective
 from .report import write_report
-from .tokenizer import scene_tokenizer
+from .tokenizer import caption_tokenizer, end_of_caption_id, scene_tokenizer
 from .train import TrainSettings, train
 
 
@@ -27,14 +31,15 @@ class CompareSettings:
     """The embedded default: sized to finish in minutes on 2 CPU cores."""
 
     objectives: List[Any] = field(default_factory=lambda: ["mle", "smile"])
-    train_images: int = 2000
+    train_images: int = 3000
     test_images: int = 100
     seed: int = 0
-    image_size: int = 64
-    stage1: TrainSettings = field(default_factory=lambda: TrainSettings(objective="mle", steps=1500))
+    image_size: int = IMAGE_SIZE
+    stage1: TrainSettings = field(default_factory=lambda: TrainSettings(objective="mle", steps=4000))
     stage2_steps: int = 400
     stage2_learning_rate: float = 5e-4
     generation: Generation = field(default_factory=Generation)
+    objective_options: ObjectiveOptions = field(default_factory=ObjectiveOptions)  # each goes where it applies
 
 
 def objective_name(objective: Any) -> str:
@@ -66,39 +71,72 @@ def default_cache_dir() -> Path:
 
 
 def stage1_key(settings: CompareSettings) -> str:
-    """Stage 1 depends on the data and its own training settings, not on the objectives compared."""
+    """Stage 1 depends on the data (the first scenes stand for how they are drawn and captioned), its
+    own training settings and the model's config (a new architecture never reuses a cached model), not
+    on the objectives compared."""
+    model = config_fingerprint(small_blip_config(scene_tokenizer(), settings.image_size))
+    sample = scenes.generate(4, seed=settings.seed, image_size=settings.image_size)  # a change of drawing or captions
+    drawn = hashlib.sha256(b"".join(e.image.tobytes() for e in sample)).hexdigest()[:12]
     key = dict(train_images=settings.train_images, seed=settings.seed, image_size=settings.image_size,
-               stage1=settings.stage1.key(), vocabulary=list(scenes.VOCABULARY))
+               stage1=settings.stage1.key(), vocabulary=list(scenes.VOCABULARY), model=model,
+               scenes=[drawn] + [e.captions for e in sample])
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def compare(out_dir: Path, settings: CompareSettings = CompareSettings(), cache_dir: Optional[Path] = None,
-            progress: bool = True) -> Dict[str, Any]:
-    """Run both stages, evaluate, write report.json / report.md / plots under ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    train_set = scenes.generate(settings.train_images, seed=settings.seed, image_size=settings.image_size)
-    test_set = scenes.generate(settings.test_images, seed=settings.seed + 10_000, image_size=settings.image_size)
-    images, captions = [e.image for e in train_set], [e.captions for e in train_set]
+def _data_key(records: Sequence[CaptionRecord]) -> str:
+    """User data's part of the stage-1 cache key: names, captions, and each image's size and time."""
+    rows = [(r.file_name, r.captions, r.path.stat().st_size, r.path.stat().st_mtime_ns) for r in records]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
 
-    stage1_dir = Path(cache_dir or default_cache_dir()) / f"stage1-{stage1_key(settings)}"
+
+def compare(out_dir: Path, settings: CompareSettings = CompareSettings(), cache_dir: Optional[Path] = None,
+            progress: bool = True, data: Optional[Tuple[Sequence[CaptionRecord], Sequence[CaptionRecord]]] = None
+            ) -> Dict[str, Any]:
+    """Run both stages, evaluate, write report.json / report.md / plots under ``out_dir``.
+
+    ``data``: user data as (training records, held-out records), e.g. from ``data.load_split``,
+    instead of generated scenes. Every objective and its options are checked before stage 1.
+    """
+    out_dir = Path(out_dir)
+    if data is None:
+        tokenizer, stage1_name = scene_tokenizer(), f"stage1-{stage1_key(settings)}"
+    else:
+        if not data[0] or not data[1]:
+            raise ValueError(f"compare needs training and held-out images, got {len(data[0])} and {len(data[1])}")
+        tokenizer = caption_tokenizer([r.captions for r in data[0]])
+        stage1_name = f"stage1-{stage1_key(settings)}-data-{_data_key(data[0])}"
+    options = options_per_objective(settings.objectives, settings.objective_options, end_of_caption_id(tokenizer))
+    for objective, objective_options in zip(settings.objectives, options):
+        check(objective, objective_options, len(tokenizer))
+    if data is None:
+        train_set: Sequence[Any] = scenes.generate(settings.train_images, seed=settings.seed,
+                                                   image_size=settings.image_size)
+        test_set: Sequence[Any] = scenes.generate(settings.test_images, seed=settings.seed + 10_000,
+                                                  image_size=settings.image_size)
+    else:
+        train_set, test_set = data
+    out_dir.mkdir(parents=True, exist_ok=True)
+    training = EvalSet.from_examples(train_set)
+    images, captions = training.images, training.references
+
+    stage1_dir = Path(cache_dir or default_cache_dir()) / stage1_name
     if (stage1_dir / "model" / "config.json").is_file():
         print(f"stage 1: reusing the MLE captioner cached in {stage1_dir}")
     else:
         print(f"stage 1: training a captioner with MLE ({settings.stage1.steps} steps) → {stage1_dir}")
-        train(new_captioner(scene_tokenizer(), settings.image_size, settings.seed), images, captions,
+        train(new_captioner(tokenizer, settings.image_size, settings.seed, images=images), images, captions,
               settings.stage1, stage1_dir, progress=progress)
 
     evaluation = EvalSet.from_examples(test_set)
     results: Dict[str, Dict[str, Any]] = {}
-    for objective in settings.objectives:
+    for objective, objective_options in zip(settings.objectives, options):
         name = objective_name(objective)
         print(f"stage 2: fine-tuning with {name} ({settings.stage2_steps} steps)")
         captioner = load_captioner(stage1_dir / "model")
         stage2 = TrainSettings(objective=objective, steps=settings.stage2_steps,
                                learning_rate=settings.stage2_learning_rate, batch_size=settings.stage1.batch_size,
                                warmup_steps=0, seed=settings.seed, save_steps=settings.stage2_steps,
-                               logging_steps=max(1, settings.stage2_steps // 5))
+                               logging_steps=max(1, settings.stage2_steps // 5), objective_options=objective_options)
         train(captioner, images, captions, stage2, out_dir / "runs" / name, progress=progress)
         results[name] = evaluate(captioner, evaluation, settings.generation)
     report = write_report(out_dir, results, evaluation, settings=json.loads(json.dumps(asdict(settings), default=str)))

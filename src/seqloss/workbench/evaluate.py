@@ -2,12 +2,12 @@
 and — where the scene truth is known — exact attribute recall and hallucination rate."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Optional
 
-from PIL import Image
-
+from .data import open_image
 from .metrics import scene_scores, text_scores
 from .model import Captioner
 
@@ -21,7 +21,7 @@ class Generation:
     max_new_tokens: int = 30
     seed: int = 0
 
-    def options(self) -> Dict[str, Any]:
+    def options(self) -> dict[str, Any]:
         return dict(num_beams=self.num_beams, top_p=self.top_p, max_new_tokens=self.max_new_tokens, seed=self.seed)
 
 
@@ -29,28 +29,40 @@ class Generation:
 class EvalSet:
     """Images with their reference captions and, for scenes, their truth."""
 
-    images: List[Any]
-    references: List[List[str]]
-    scenes: Optional[List[Any]] = None
-    names: Optional[List[str]] = None
+    images: list[Any]
+    references: list[list[str]]
+    scenes: Optional[list[Any]] = None
+    names: Optional[list[str]] = None
 
     @classmethod
-    def from_examples(cls, examples: Sequence[Any]) -> "EvalSet":
-        """From ``scenes.generate`` examples or ``data.load_imagefolder`` records."""
-        images = [e.image if hasattr(e, "image") else Image.open(e.path).convert("RGB") for e in examples]
+    def from_examples(cls, examples: Sequence[Any]) -> EvalSet:
+        """From ``scenes.generate`` examples or ``data.load_captions`` records."""
+        images = [e.image if hasattr(e, "image") else open_image(e.path) for e in examples]
         scenes = [getattr(e, "scene", None) for e in examples]
         return cls(images, [list(e.captions) for e in examples],
                    scenes if all(s is not None for s in scenes) else None, [e.file_name for e in examples])
 
 
-def evaluate(captioner: Captioner, data: EvalSet, generation: Generation = Generation()) -> Dict[str, Any]:
-    """Metrics and the generated captions (one per image)."""
-    captions = captioner.caption(data.images, **generation.options())
+def evaluate(captioner: Captioner, data: EvalSet, generation: Optional[Generation] = None) -> dict[str, Any]:
+    """Metrics, the generated captions (one per image) and the images' names.
+
+    ``distinct_captions`` counts different captions: a captioner that looks at the image writes
+    nearly one per image, one that does not repeats a few templates.
+    """
+    captions = captioner.caption(data.images, **(generation or Generation()).options())
     metrics = text_scores(captions, data.references)
+    metrics["distinct_captions"] = len(set(captions))
     if data.scenes is not None:
         metrics.update(scene_scores(captions, data.scenes))
-    return {"metrics": metrics, "captions": captions}
+    names = data.names or [str(i) for i in range(len(captions))]
+    return {"metrics": metrics, "captions": captions, "images": names}
 
 
-def load_images(paths: Sequence[Path]) -> List[Any]:
-    return [Image.open(p).convert("RGB") for p in paths]
+def captions_by_image(result: dict[str, Any]) -> list[dict[str, str]]:
+    """``[{"image": file name, "caption": text}, ...]`` of an :func:`evaluate` result (for JSON files)."""
+    return [{"image": name, "caption": caption} for name, caption in zip(result["images"], result["captions"])]
+
+
+def load_images(paths: Sequence[Path]) -> list[Any]:
+    """RGB images; ValueError naming the first file that is missing or not an image."""
+    return [open_image(p) for p in paths]

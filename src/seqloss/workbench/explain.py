@@ -6,8 +6,9 @@ penalised for it. The bar chart shows where the two disagree.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any
 
 import torch
 
@@ -20,14 +21,14 @@ OBJECTIVES = ("mle", "smile")
 
 @torch.no_grad()
 def token_losses(captioner: Captioner, image: Any, caption: str,
-                 objectives: Sequence[str] = OBJECTIVES) -> Dict[str, Any]:
+                 objectives: Sequence[str] = OBJECTIVES) -> dict[str, Any]:
     """{"tokens": [...], objective: [loss per token]} for the caption's supervised tokens."""
     captioner.model.eval()
     batch = captioner.encode([caption])
     logits = captioner.model(pixel_values=captioner.pixels([image]), input_ids=batch["input_ids"],
                              attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"]
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     # With shift=True the loss at position n scores the token at n + 1.
     targets = labels[0, 1:]
     keep = targets != -100
@@ -38,7 +39,7 @@ def token_losses(captioner: Captioner, image: Any, caption: str,
     return out
 
 
-def plot(losses: Dict[str, Any], path: Path, title: str = "") -> Path:
+def plot(losses: dict[str, Any], path: Path, title: str = "") -> Path:
     matplotlib = require("matplotlib", "plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -58,7 +59,7 @@ def plot(losses: Dict[str, Any], path: Path, title: str = "") -> Path:
     return Path(path)
 
 
-def table(losses: Dict[str, Any]) -> List[str]:
+def table(losses: dict[str, Any]) -> list[str]:
     names = [k for k in losses if k != "tokens"]
     lines = ["token".ljust(12) + "".join(n.rjust(10) for n in names)]
     for i, token in enumerate(losses["tokens"]):

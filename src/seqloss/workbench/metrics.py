@@ -8,7 +8,7 @@ PTBTokenizer needs Java).
 """
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, List, Sequence, Set
+from collections.abc import Sequence
 
 from .scenes import COLOURS, POSITION_PHRASES, SHAPES, SIZES, Fact, Scene, facts
 
@@ -18,11 +18,11 @@ _POST_PHRASES = sorted(((tuple(p.split()), pos) for pos, phrases in POSITION_PHR
                        key=lambda item: -len(item[0]))  # longest first, should phrases ever share a prefix
 
 
-def _words(text: str) -> List[str]:
+def _words(text: str) -> list[str]:
     return text.lower().split()
 
 
-def parse_caption(text: str) -> FrozenSet[Fact]:
+def parse_caption(text: str) -> frozenset[Fact]:
     """The facts a caption states, in the format of ``scenes.facts``.
 
     Each shape word is a mentioned object, ``("shape", s)``; the run of colour/size words right
@@ -33,7 +33,7 @@ def parse_caption(text: str) -> FrozenSet[Fact]:
     facts, so one of them counts as a hallucination.
     """
     words = _words(text)
-    found: Set[Fact] = set()
+    found: set[Fact] = set()
     for i, word in enumerate(words):
         if word not in SHAPES:
             continue
@@ -60,7 +60,7 @@ def _check_pairs(captions: Sequence, others: Sequence, what: str) -> None:
         raise ValueError("no captions to score")
 
 
-def scene_scores(captions: Sequence[str], scenes: Sequence[Scene]) -> Dict[str, float]:
+def scene_scores(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[str, float]:
     """Micro-averaged over images: ``attribute_recall`` = true facts mentioned / true facts,
     ``hallucination_rate`` = false facts mentioned / facts mentioned (0.0 when nothing is mentioned).
     """
@@ -76,12 +76,12 @@ def scene_scores(captions: Sequence[str], scenes: Sequence[Scene]) -> Dict[str, 
             "hallucination_rate": false / mentioned if mentioned else 0.0}
 
 
-def caption_lengths(captions: Sequence[str]) -> List[int]:
+def caption_lengths(captions: Sequence[str]) -> list[int]:
     """Words per caption (whitespace tokens)."""
     return [len(c.split()) for c in captions]
 
 
-def text_scores(captions: Sequence[str], references: Sequence[Sequence[str]]) -> Dict[str, float]:
+def text_scores(captions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """``avg_length`` (words), ``distinct_words`` (over all captions), ``bleu4`` and ``cider``.
 
     ``references[i]`` are the (one or more) references of ``captions[i]``. BLEU-4 is corpus-level
@@ -92,7 +92,7 @@ def text_scores(captions: Sequence[str], references: Sequence[Sequence[str]]) ->
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
     except ImportError as err:
-        raise ImportError("text_scores needs pycocoevalcap: pip install 'seqloss[hf]'") from err
+        raise ImportError("text_scores needs pycocoevalcap: pip install 'seqloss[workbench]'") from err
 
     _check_pairs(captions, references, "reference lists")
     res = {i: [" ".join(_words(c))] for i, c in enumerate(captions)}

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 from .._lazy import require
+from .evaluate import captions_by_image
 from .metrics import caption_lengths
 
-COLUMNS = ("avg_length", "distinct_words", "attribute_recall", "hallucination_rate", "bleu4", "cider")
+COLUMNS = ("avg_length", "distinct_words", "distinct_captions", "attribute_recall", "hallucination_rate",
+           "bleu4", "cider")
 SAMPLES = 8
 
 
-def table(metrics: Dict[str, Dict[str, float]]) -> str:
+def table(metrics: dict[str, dict[str, float]]) -> str:
     """A markdown table: one row per objective, the columns of ``COLUMNS`` that are present."""
     columns = [c for c in COLUMNS if any(c in m for m in metrics.values())]
     lines = ["| objective | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -27,7 +29,7 @@ def _fmt(value: Any) -> str:
     return str(value) if isinstance(value, int) else f"{value:.3f}"
 
 
-def _plots(out_dir: Path, results: Dict[str, Dict[str, Any]], evaluation: Any) -> List[str]:
+def _plots(out_dir: Path, results: dict[str, dict[str, Any]], evaluation: Any) -> list[str]:
     matplotlib = require("matplotlib", "plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -85,9 +87,14 @@ def _wrap(caption: str, width: int = 34) -> str:
     return "\n   ".join(lines + [line])
 
 
-def write_report(out_dir: Path, results: Dict[str, Dict[str, Any]], evaluation: Any,
-                 settings: Dict[str, Any]) -> Dict[str, Any]:
-    """Write report.json, report.md and the plots; print and return the report."""
+def write_report(out_dir: Path, results: dict[str, dict[str, Any]], evaluation: Any,
+                 settings: dict[str, Any]) -> dict[str, Any]:
+    """Write report.json, report.md and the plots; print and return the report.
+
+    ``results`` maps an objective's name to its :func:`~.evaluate.evaluate` result. report.json holds
+    the metrics per objective (``distinct_captions`` among them), the settings, a few samples, the
+    plots and every caption with its image's file name: ``captions[objective] = [{"image", "caption"}]``.
+    """
     out_dir = Path(out_dir)
     metrics = {name: r["metrics"] for name, r in results.items()}
     names = evaluation.names or [str(i) for i in range(len(evaluation.images))]
@@ -96,7 +103,7 @@ def write_report(out_dir: Path, results: Dict[str, Dict[str, Any]], evaluation: 
                for i in range(min(SAMPLES, len(names)))]
     plots = _plots(out_dir, results, evaluation)
     report = {"objectives": metrics, "settings": settings, "samples": samples, "plots": plots,
-              "captions": {n: r["captions"] for n, r in results.items()}}
+              "captions": {n: captions_by_image(r) for n, r in results.items()}}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     md = ["# seqloss compare", "", table(metrics), ""]
     md += [f"![{p}]({p})" for p in plots] + ["", "## Sample captions", ""]

@@ -15,6 +15,7 @@ import torch
 from .. import hf
 from .._lazy import require
 from .model import Captioner
+from .objectives import row_candidates
 
 
 @dataclass
@@ -68,7 +69,7 @@ class CaptionCollator:
 def _training_arguments(out_dir: Path, settings: TrainSettings, progress: bool):
     transformers = require("transformers", "hf")
     on_gpu = torch.cuda.is_available()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun / accelerate launch
+    distributed = _world_size() > 1
     return transformers.TrainingArguments(
         output_dir=str(out_dir / "checkpoints"), max_steps=settings.steps,
         per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
@@ -97,16 +98,28 @@ def train(captioner: Captioner, images: Sequence[Any], captions: Sequence[Sequen
     """
     transformers = require("transformers", "hf")
     out_dir = Path(out_dir)
-    hf.patch(captioner.model, settings.objective, **settings.objective_options)
-    trainer = transformers.Trainer(model=captioner.model, args=_training_arguments(out_dir, settings, progress),
-                                   train_dataset=CaptionPairs(captioner, images, captions),
-                                   data_collator=CaptionCollator(captioner), callbacks=list(callbacks))
-    checkpoint = last_checkpoint(out_dir) if resume else None
-    if resume and checkpoint is None:
-        print(f"no checkpoint under {out_dir / 'checkpoints'}: starting from the beginning")
-    trainer.train(resume_from_checkpoint=checkpoint)
-    hf.unpatch(captioner.model)
+    pairs = CaptionPairs(captioner, images, captions)
+    options, full_batches = row_candidates(settings.objective_options, settings.batch_size)
+    if full_batches and len(pairs) < settings.batch_size * _world_size():
+        raise ValueError(f"subset's candidate lists need full batches: {len(pairs)} captions are fewer than one "
+                         f"batch of {settings.batch_size} per process; lower the batch size")
+    args = _training_arguments(out_dir, settings, progress)
+    args.dataloader_drop_last = full_batches  # each batch has the rows the candidate lists were repeated for
+    hf.patch(captioner.model, settings.objective, **options)
+    try:  # unpatched on every way out, an exception in a callback or a Ctrl-C included
+        trainer = transformers.Trainer(model=captioner.model, args=args, train_dataset=pairs,
+                                       data_collator=CaptionCollator(captioner), callbacks=list(callbacks))
+        checkpoint = last_checkpoint(out_dir) if resume else None
+        if resume and checkpoint is None:
+            print(f"no checkpoint under {out_dir / 'checkpoints'}: starting from the beginning")
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        hf.unpatch(captioner.model)
     if trainer.is_world_process_zero():
         captioner.save(out_dir / "model")
     return {"log_history": trainer.state.log_history, "global_step": trainer.state.global_step,
-            "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+            "world_size": _world_size()}
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch

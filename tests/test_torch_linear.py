@@ -10,9 +10,21 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import seqloss
-import seqloss.linear
-from tests.conftest import (IGNORE, REDUCTIONS, assert_close_fp32, assert_low_precision, generator, make_labels,
-                            make_logits, objective_of, options_of, output_shape, random_grad_output)
+import seqloss.autograd
+import seqloss.torch_linear
+from tests.conftest import (
+    IGNORE,
+    REDUCTIONS,
+    assert_close_fp32,
+    assert_low_precision,
+    generator,
+    make_labels,
+    make_logits,
+    objective_of,
+    options_of,
+    output_shape,
+    random_grad_output,
+)
 
 B, N, H, V = 3, 7, 11, 37  # H and V not powers of two
 VARIANTS = ("mle", "smile", "smile_no_first_token", "random_subset", "reverse_subset", "selective_eos",
@@ -149,7 +161,7 @@ def test_every_impl_matches_the_spec(name, impl):
         assert out.requires_grad == grad_mode
         assert_close_fp32(out.detach(), loss)
         if grad_mode:  # torch and auto run the fused head, reference the dense spec on logits
-            fused = type(out.grad_fn).__name__.startswith(seqloss.linear.LinearSupportCrossEntropy.__name__)
+            fused = type(out.grad_fn).__name__.startswith(seqloss.autograd.LinearSupportCrossEntropy.__name__)
             assert fused == (impl != "reference")
 
 
@@ -159,18 +171,18 @@ def small_chunks(monkeypatch):
     calls = {"full_rows": 0, "list_rows": 0}
 
     def counted(name):
-        inner = getattr(seqloss.linear, name)
+        inner = getattr(seqloss.torch_linear, name)
 
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return inner(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(seqloss.linear, "MIN_CHUNK_POSITIONS", 1)
-    monkeypatch.setattr(seqloss.linear, "FUSED_CHUNK_ELEMENTS", 2 * V)
-    monkeypatch.setattr(seqloss.linear, "LIST_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(seqloss.torch_linear, "MIN_CHUNK_POSITIONS", 1)
+    monkeypatch.setattr(seqloss.torch_linear, "FUSED_CHUNK_ELEMENTS", 2 * V)
+    monkeypatch.setattr(seqloss.torch_linear, "LIST_BLOCK_ELEMENTS", 1)
     for name in calls:
-        monkeypatch.setattr(seqloss.linear, name, counted(name))
+        monkeypatch.setattr(seqloss.torch_linear, name, counted(name))
     return calls
 
 
@@ -350,49 +362,6 @@ def test_non_contiguous_views_and_int32_labels(name):
     for got, grad in zip((bases[0].grad.transpose(1, 2), bases[1].grad.t(), bases[2].grad[::2]), want_grads):
         assert_close_fp32(got, grad, "backward")
     assert (bases[2].grad[1::2] == 0).all()
-
-
-# --- input checks ------------------------------------------------------------------------------
-
-HIDDEN, WEIGHT, BIAS, LABELS = _inputs(2, 4, 5, 7, seed=16)
-
-# (id, arguments replaced, exception, pattern its message must match)
-BAD_INPUTS = [
-    ("hidden_width_differs", dict(weight=WEIGHT[:, :-1]), ValueError, "weight width 4 .*hidden width 5"),
-    ("weight_1d", dict(weight=WEIGHT[0]), ValueError, "weight"),
-    ("weight_3d", dict(weight=WEIGHT[None]), ValueError, "weight"),
-    ("weight_no_rows", dict(weight=WEIGHT[:0]), ValueError, "weight"),
-    ("weight_not_a_tensor", dict(weight=WEIGHT.tolist()), TypeError, "weight"),
-    ("weight_dtype", dict(weight=WEIGHT.double()), TypeError, "weight dtype"),
-    ("bias_wrong_length", dict(bias=BIAS[:-1]), ValueError, "bias"),
-    ("bias_2d", dict(bias=BIAS[None]), ValueError, "bias"),
-    ("bias_not_a_tensor", dict(bias=BIAS.tolist()), TypeError, "bias"),
-    ("bias_dtype", dict(bias=BIAS.half()), TypeError, "bias dtype"),
-    ("integer_hidden", dict(hidden=HIDDEN.long(), weight=WEIGHT.long()), TypeError, "hidden"),
-    ("integer_hidden_float_weight", dict(hidden=HIDDEN.long()), TypeError, "hidden"),
-    ("hidden_1d", dict(hidden=HIDDEN[0, 0], labels=LABELS[0, 0]), ValueError, "hidden"),
-    ("hidden_not_a_tensor", dict(hidden=HIDDEN.tolist()), TypeError, "hidden"),
-    ("labels_shorter_than_hidden", dict(labels=LABELS[:, :-1]), ValueError, "labels.*hidden"),
-    ("labels_leading_shape", dict(labels=LABELS.reshape(1, -1)), ValueError, "labels.*hidden"),
-    ("labels_ge_V", dict(labels=torch.full_like(LABELS, 7)), ValueError, "labels"),
-    ("float_labels", dict(labels=LABELS.float()), TypeError, "labels"),
-    ("include_shape", dict(objective="subset", include=torch.zeros(3, 2, dtype=torch.long)), ValueError, "include"),
-    ("unknown_keyword", dict(exclude_id=(0,)), TypeError, r"exclude_id\b"),
-    ("impl", dict(impl="cuda"), ValueError, "impl"),
-]
-
-
-@pytest.mark.parametrize("impl", ["torch", "reference", "auto", "triton"])
-@pytest.mark.parametrize("replaced, error, pattern", [pytest.param(r, e, p, id=i) for i, r, e, p in BAD_INPUTS])
-def test_bad_input_names_the_argument(replaced, error, pattern, impl):
-    with pytest.raises(error, match=pattern):
-        seqloss.linear_loss(**{**dict(hidden=HIDDEN, weight=WEIGHT, labels=LABELS, bias=BIAS, impl=impl), **replaced})
-
-
-def test_hidden_shape_error_describes_hidden():
-    # hidden is (..., N, H): the message must not describe it as logits (..., N, V).
-    with pytest.raises(ValueError, match=r"hidden must have shape \(\.\.\., N, H\)"):
-        seqloss.linear_loss(HIDDEN[0, 0], WEIGHT, LABELS[0, 0])
 
 
 # --- properties --------------------------------------------------------------------------------

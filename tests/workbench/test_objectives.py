@@ -1,0 +1,80 @@
+"""Objectives as the workbench takes them: each option reaches the members that take it, and every
+mistake is found on a one-token batch, before any training."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqloss.workbench.objectives import (
+    ObjectiveOptions,
+    check,
+    loss_options,
+    members,
+    options_per_objective,
+    row_candidates,
+)
+
+
+@pytest.mark.parametrize("objective, given, expected", [
+    ("smile", ObjectiveOptions(exclude_ids=[0], first_token_mle=False), dict(exclude_ids=[0], first_token_mle=False)),
+    ("random_subset", ObjectiveOptions(num_samples=4, label_smoothing=0.1), dict(num_samples=4, label_smoothing=0.1)),
+    ("reverse_subset", ObjectiveOptions(exclude_ids=[0, 1]), dict(exclude_ids=[0, 1])),
+    ("selective_eos", ObjectiveOptions(), dict(eos_token_id=3)),            # the tokenizer's eos by default
+    ("selective_eos", ObjectiveOptions(eos_token_id=7), dict(eos_token_id=7)),
+    ("subset", ObjectiveOptions(include_ids=[4, 5]), dict(include=[4, 5])),
+    ("subset", ObjectiveOptions(exclude_ids=[4]), dict(exclude=[4])),
+    ({"mle": 0.5, "smile": 0.5}, ObjectiveOptions(exclude_ids=[0]), dict(exclude_ids=[0])),
+    ({"smile": 0.5, "subset": 0.5}, ObjectiveOptions(exclude_ids=[2]), dict(exclude_ids=[2], exclude=[2])),
+])
+def test_each_option_goes_to_the_members_that_take_it(objective, given, expected):
+    options = loss_options(objective, given, eos_token_id=3)
+    assert options == expected
+    check(objective, options, vocab_size=10)
+
+
+@pytest.mark.parametrize("objective, given, message", [
+    ("mle", ObjectiveOptions(exclude_ids=[0]), "takes no exclude_ids"),
+    ("smile", ObjectiveOptions(eos_token_id=3), "eos_token_id is an option of selective_eos"),
+    ("smile", ObjectiveOptions(num_samples=3), "takes no num_samples"),
+    ("subset", ObjectiveOptions(), "subset needs exactly one of include_ids"),
+    ("subset", ObjectiveOptions(include_ids=[1], exclude_ids=[2]), "subset needs exactly one"),
+    ("typo", ObjectiveOptions(), "unknown objective 'typo'"),
+    ({"mle": -1.0}, ObjectiveOptions(), "must be a finite number >= 0"),
+])
+def test_options_nobody_takes_and_unknown_objectives_are_refused(objective, given, message):
+    with pytest.raises(ValueError, match=message):
+        loss_options(objective, given, eos_token_id=3)
+
+
+@pytest.mark.parametrize("objective, options, message", [
+    ("selective_eos", dict(eos_token_id=12), "eos_token_id"),
+    ("smile", dict(exclude_ids=[10]), "exclude_ids"),
+    ("random_subset", dict(num_samples=0), "num_samples"),
+    ("subset", dict(include=[99]), "include"),
+])
+def test_check_finds_what_the_library_would_refuse_at_the_first_step(objective, options, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        check(objective, options, vocab_size=10)
+
+
+def test_selective_eos_needs_an_eos_somewhere():
+    options = loss_options("selective_eos", ObjectiveOptions(), eos_token_id=None)
+    with pytest.raises(TypeError, match="eos_token_id"):
+        check("selective_eos", options, vocab_size=10)
+
+
+def test_options_per_objective_route_and_refuse_an_option_none_takes():
+    given = ObjectiveOptions(exclude_ids=[0], label_smoothing=0.1)
+    assert options_per_objective(["mle", "smile"], given) == [dict(label_smoothing=0.1),
+                                                               dict(exclude_ids=[0], label_smoothing=0.1)]
+    with pytest.raises(ValueError, match="none of the objectives mle takes it"):
+        options_per_objective(["mle"], ObjectiveOptions(num_samples=3))
+
+
+def test_members_and_row_candidates():
+    assert members({"mle": 0.01, "smile": 0.99}) == ["mle", "smile"]
+    with pytest.raises(TypeError):
+        members({})
+    options, per_row = row_candidates(dict(include=[4, 5], label_smoothing=0.1), rows=3)
+    assert per_row and torch.equal(options["include"], torch.tensor([[4, 5]] * 3))
+    assert row_candidates(dict(exclude_ids=[0]), rows=3) == (dict(exclude_ids=[0]), False)
