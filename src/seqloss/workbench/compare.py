@@ -35,7 +35,7 @@ class CompareSettings:
     test_images: int = 100
     seed: int = 0
     image_size: int = IMAGE_SIZE
-    stage1: TrainSettings = field(default_factory=lambda: TrainSettings(objective="mle", steps=4000))
+    stage1: TrainSettings = field(default_factory=lambda: TrainSettings(objective="mle", steps=3000))
     stage2_steps: int = 400
     stage2_learning_rate: float = 5e-4
     generation: Generation = field(default_factory=Generation)

@@ -81,7 +81,8 @@ def small_blip_config(tokenizer: Any, image_size: int = IMAGE_SIZE):
     * ``initializer_range=0.02`` in the vision config: the default, 1e-10, starts every vision weight,
       the position embedding included, at ~0, so the image features are ~0 and carry no position.
     * width 192, not 96: the vision width is also the width of the keys and values that the decoder's
-      cross-attention reads, and at 96 a decoder trained from scratch learned to ignore the image.
+      cross-attention reads; at 96 the captions grounded far more slowly (in one short run, 0.49 of
+      the facts stated after 400 steps were false, against 0.26 at 192).
     """
     transformers = require("transformers", "hf")
     text = dict(vocab_size=len(tokenizer), hidden_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -125,8 +126,9 @@ def new_captioner(tokenizer: Any, image_size: int = IMAGE_SIZE, seed: int = 0,
 
     ``images`` (a sample of the training images): normalise pixels with their per-channel mean and
     standard deviation, saved with the image processor. The default, CLIP's statistics as in BLIP, suits
-    photographs; on the near-white scenes it maps the background to ~1.9 and objects to a small change
-    of it, and the decoder was slow to tell them apart.
+    photographs; on the near-white scenes it maps the background to a large constant (~1.9) that
+    dominates every patch. With the scenes' own statistics, even an untrained vision tower's tokens
+    tell the objects' colours apart far better (a linear probe: 0.83 against 0.58).
     """
     transformers = require("transformers", "hf")
     torch.manual_seed(seed)

@@ -161,10 +161,8 @@ def _draw_shape(pen: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
 
 # How many objects a caption mentions (1, 2, "3+") and how many attributes each gets: mostly short and
 # partial like COCO references, with a tail of long, detailed ones for a descriptive objective to learn.
-# A caption of one object most often describes it whole ("a large red circle on the left"), so the
-# likeliest caption, which MLE's beam search finds, states a whole object rather than a bare shape.
 _OBJECTS_MENTIONED = ((1, 0.6), (2, 0.3), (3, 0.1))
-_ATTRIBUTE_COUNTS = {1: ((0, 0.05), (1, 0.3), (2, 0.3), (3, 0.35)), 2: ((0, 0.3), (1, 0.5), (2, 0.2)),
+_ATTRIBUTE_COUNTS = {1: ((0, 0.1), (1, 0.45), (2, 0.45)), 2: ((0, 0.3), (1, 0.5), (2, 0.2)),
                      3: ((1, 0.3), (2, 0.4), (3, 0.3))}
 _ATTRIBUTES = ("size", "colour", "position")
 
