@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m seqloss compare --out runs/demo
 
-test: $(STAMP)
+# Lint and type check first (seconds), then the suite.
+test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 # Lint (ruff: pyflakes, isort, bugbear, pyupgrade) and type check (mypy, basic), as configured in pyproject.toml.

@@ -126,6 +126,17 @@ def test_a_new_model_knows_every_word_of_its_training_captions(folder, trained):
     assert (tokenizer.pad_token_id, tokenizer.bos_token, tokenizer.eos_token) == (0, "[DEC]", "[SEP]")
 
 
+def test_a_new_model_normalises_pixels_with_its_training_images(folder, trained):
+    from transformers import BlipImageProcessor
+
+    from seqloss.workbench.data import open_image
+    from seqloss.workbench.model import pixel_statistics
+    train, _ = _held_out(folder)
+    mean, std = pixel_statistics([open_image(r.path) for r in train])
+    processor = BlipImageProcessor.from_pretrained(str(trained))
+    assert processor.image_mean == pytest.approx(mean) and processor.image_std == pytest.approx(std)
+
+
 def test_evaluate_scores_the_held_out_images_and_names_them(folder, trained, tmp_path, capsys):
     out = tmp_path / "eval.json"
     main(["evaluate", "--model", str(trained), "--data", str(folder), "--eval-fraction", "0.2", "--beams", "1",

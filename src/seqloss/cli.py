@@ -121,9 +121,9 @@ def cmd_train(args) -> None:
         captioner = load_captioner(Path(args.model))
         _report_unknown_words(captioner.tokenizer, data.references)
     elif args.data == "scenes":
-        captioner = new_captioner(scene_tokenizer(), seed=args.seed)
-    else:
-        captioner = new_captioner(caption_tokenizer(data.references), seed=args.seed)
+        captioner = new_captioner(scene_tokenizer(), seed=args.seed, images=data.images)
+    else:  # a new model normalises pixels with its own training images' statistics, as compare's does
+        captioner = new_captioner(caption_tokenizer(data.references), seed=args.seed, images=data.images)
         print(f"vocabulary: {len(captioner.tokenizer) - len(SPECIAL_TOKENS)} words from the training captions "
               f"(saved with the model)")
     options = loss_options(objective, _given(args), end_of_caption_id(captioner.tokenizer))

@@ -33,10 +33,10 @@ def test_different_seeds_differ_and_smaller_n_is_a_prefix():
     assert [_png(x.image) for x in scenes.generate(3, seed=0)] == [_png(x.image) for x in a[:3]]
 
 
-def test_scenes_hold_one_to_four_objects_with_distinct_shapes_and_cells():
+def test_scenes_hold_one_to_max_objects_with_distinct_shapes_and_cells():
     rng = random.Random(0)
     drawn = [scenes.make_scene(rng) for _ in range(300)]
-    assert Counter(len(s.objects) for s in drawn).keys() == {1, 2, 3, 4}
+    assert Counter(len(s.objects) for s in drawn).keys() == set(range(1, scenes.MAX_OBJECTS + 1))
     for s in drawn:
         assert len({o.shape for o in s.objects}) == len({o.position for o in s.objects}) == len(s.objects)
 

@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 from . import scenes
 from .data import CaptionRecord
@@ -30,12 +31,12 @@ from .train import TrainSettings, train
 class CompareSettings:
     """The embedded default: sized to finish in minutes on 2 CPU cores."""
 
-    objectives: List[Any] = field(default_factory=lambda: ["mle", "smile"])
-    train_images: int = 3000
+    objectives: list[Any] = field(default_factory=lambda: ["mle", "smile"])
+    train_images: int = 4000
     test_images: int = 100
     seed: int = 0
     image_size: int = IMAGE_SIZE
-    stage1: TrainSettings = field(default_factory=lambda: TrainSettings(objective="mle", steps=3000))
+    stage1: TrainSettings = field(default_factory=lambda: TrainSettings(objective="mle", steps=4500))
     stage2_steps: int = 400
     stage2_learning_rate: float = 5e-4
     generation: Generation = field(default_factory=Generation)
@@ -89,14 +90,15 @@ def _data_key(records: Sequence[CaptionRecord]) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
 
 
-def compare(out_dir: Path, settings: CompareSettings = CompareSettings(), cache_dir: Optional[Path] = None,
-            progress: bool = True, data: Optional[Tuple[Sequence[CaptionRecord], Sequence[CaptionRecord]]] = None
-            ) -> Dict[str, Any]:
+def compare(out_dir: Path, settings: Optional[CompareSettings] = None, cache_dir: Optional[Path] = None,
+            progress: bool = True, data: Optional[tuple[Sequence[CaptionRecord], Sequence[CaptionRecord]]] = None
+            ) -> dict[str, Any]:
     """Run both stages, evaluate, write report.json / report.md / plots under ``out_dir``.
 
     ``data``: user data as (training records, held-out records), e.g. from ``data.load_split``,
     instead of generated scenes. Every objective and its options are checked before stage 1.
     """
+    settings = settings or CompareSettings()
     out_dir = Path(out_dir)
     if data is None:
         tokenizer, stage1_name = scene_tokenizer(), f"stage1-{stage1_key(settings)}"
@@ -128,7 +130,7 @@ def compare(out_dir: Path, settings: CompareSettings = CompareSettings(), cache_
               settings.stage1, stage1_dir, progress=progress)
 
     evaluation = EvalSet.from_examples(test_set)
-    results: Dict[str, Dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = {}
     for objective, objective_options in zip(settings.objectives, options):
         name = objective_name(objective)
         print(f"stage 2: fine-tuning with {name} ({settings.stage2_steps} steps)")

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ class Captioner:
         """PIL images → (B, 3, H, W) pixel values, normalised as the model expects."""
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
-    def encode(self, captions: Sequence[str], max_length: int = 32) -> Dict[str, torch.Tensor]:
+    def encode(self, captions: Sequence[str], max_length: int = 32) -> dict[str, torch.Tensor]:
         """Captions → input_ids, attention_mask and labels (padding → -100), BLIP's decoder convention:
         the first id is the decoder's BOS, the caption ends with [SEP]."""
         batch = self.tokenizer(list(captions), padding=True, truncation=True, max_length=max_length,
@@ -55,16 +56,16 @@ class Captioner:
 
     @torch.no_grad()
     def caption(self, images: Sequence[Any], *, num_beams: int = 3, top_p: Optional[float] = None,
-                max_new_tokens: int = 30, seed: int = 0, batch_size: int = 64) -> List[str]:
+                max_new_tokens: int = 30, seed: int = 0, batch_size: int = 64) -> list[str]:
         """Beam search (``num_beams``) or nucleus sampling (``top_p``), as BLIP's ``generate`` does."""
         self.model.eval()
-        options: Dict[str, Any] = dict(max_new_tokens=max_new_tokens)
+        options: dict[str, Any] = dict(max_new_tokens=max_new_tokens)
         if top_p is not None:
             torch.manual_seed(seed)
             options.update(do_sample=True, top_p=top_p, num_beams=1)
         else:
             options.update(num_beams=num_beams, do_sample=False)
-        out: List[str] = []
+        out: list[str] = []
         for start in range(0, len(images), batch_size):
             pixel_values = self.pixels(images[start:start + batch_size]).to(self.model.device)
             ids = self.model.generate(pixel_values=pixel_values, **options)
@@ -84,7 +85,7 @@ def small_blip_config(tokenizer: Any, image_size: int = IMAGE_SIZE):
       cross-attention reads; at 96 the captions grounded far more slowly (in one short run, 0.49 of
       the facts stated after 400 steps were false, against 0.26 at 192).
     """
-    transformers = require("transformers", "hf")
+    transformers = require("transformers", "workbench")
     text = dict(vocab_size=len(tokenizer), hidden_size=192, num_hidden_layers=2, num_attention_heads=4,
                 intermediate_size=384, max_position_embeddings=40, hidden_dropout_prob=0.0,
                 attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id,
@@ -106,7 +107,7 @@ def config_fingerprint(config: Any) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def pixel_statistics(images: Sequence[Any], limit: int = 1000) -> Tuple[List[float], List[float]]:
+def pixel_statistics(images: Sequence[Any], limit: int = 1000) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation of the first ``limit`` of ``images`` (PIL, any sizes),
     on the 0-1 scale, every pixel weighted alike."""
     total, squares, count = np.zeros(3), np.zeros(3), 0
@@ -130,7 +131,7 @@ def new_captioner(tokenizer: Any, image_size: int = IMAGE_SIZE, seed: int = 0,
     dominates every patch. With the scenes' own statistics, even an untrained vision tower's tokens
     tell the objects' colours apart far better (a linear probe: 0.83 against 0.58).
     """
-    transformers = require("transformers", "hf")
+    transformers = require("transformers", "workbench")
     torch.manual_seed(seed)
     model = transformers.BlipForConditionalGeneration(small_blip_config(tokenizer, image_size))
     processor = transformers.BlipImageProcessor(size={"height": image_size, "width": image_size})
@@ -141,7 +142,7 @@ def new_captioner(tokenizer: Any, image_size: int = IMAGE_SIZE, seed: int = 0,
 
 def load_captioner(directory: Path) -> Captioner:
     """A workbench checkpoint or any local BLIP directory (model, tokenizer, image processor)."""
-    transformers = require("transformers", "hf")
+    transformers = require("transformers", "workbench")
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a Hugging Face model directory (no config.json)")

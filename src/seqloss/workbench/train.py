@@ -6,9 +6,10 @@ and progress bars, checkpoints and ``--resume`` come from there.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 import torch
 
@@ -31,9 +32,9 @@ class TrainSettings:
     seed: int = 0
     save_steps: int = 100
     logging_steps: int = 20
-    objective_options: Dict[str, Any] = field(default_factory=dict)
+    objective_options: dict[str, Any] = field(default_factory=dict)
 
-    def key(self) -> Dict[str, Any]:
+    def key(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -45,12 +46,12 @@ class CaptionPairs(torch.utils.data.Dataset):
 
     def __init__(self, captioner: Captioner, images: Sequence[Any], captions: Sequence[Sequence[str]]) -> None:
         self.pixels = captioner.pixels(images) if len(images) else torch.empty(0)
-        self.pairs: List[Tuple[int, str]] = [(i, c) for i, cs in enumerate(captions) for c in cs]
+        self.pairs: list[tuple[int, str]] = [(i, c) for i, cs in enumerate(captions) for c in cs]
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         image, caption = self.pairs[index]
         return self.pixels[image], caption
 
@@ -61,13 +62,13 @@ class CaptionCollator:
     def __init__(self, captioner: Captioner) -> None:
         self.captioner = captioner
 
-    def __call__(self, items: List[Tuple[torch.Tensor, str]]) -> Dict[str, torch.Tensor]:
+    def __call__(self, items: list[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
         pixels, captions = zip(*items)
         return dict(pixel_values=torch.stack(pixels), **self.captioner.encode(captions))
 
 
 def _training_arguments(out_dir: Path, settings: TrainSettings, progress: bool):
-    transformers = require("transformers", "hf")
+    transformers = require("transformers", "workbench")
     on_gpu = torch.cuda.is_available()
     distributed = _world_size() > 1
     return transformers.TrainingArguments(
@@ -82,21 +83,21 @@ def _training_arguments(out_dir: Path, settings: TrainSettings, progress: bool):
 
 def last_checkpoint(out_dir: Path) -> Optional[str]:
     """The newest Trainer checkpoint under ``out_dir/checkpoints``, if any."""
-    transformers = require("transformers", "hf")
+    transformers = require("transformers", "workbench")
     checkpoints = Path(out_dir) / "checkpoints"
     return transformers.trainer_utils.get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
 
 
 def train(captioner: Captioner, images: Sequence[Any], captions: Sequence[Sequence[str]], settings: TrainSettings,
           out_dir: Path, *, resume: bool = False, progress: bool = True, callbacks: Sequence[Any] = ()
-          ) -> Dict[str, Any]:
+          ) -> dict[str, Any]:
     """Train ``captioner`` in place with ``settings.objective``; save it to ``out_dir/model``.
 
     With ``resume=True`` the run continues from the last checkpoint in ``out_dir`` (optimizer,
     scheduler, RNG and data order included). ``callbacks`` are ``transformers.TrainerCallback``s.
     Returns the Trainer's log history and the number of optimiser steps taken.
     """
-    transformers = require("transformers", "hf")
+    transformers = require("transformers", "workbench")
     out_dir = Path(out_dir)
     pairs = CaptionPairs(captioner, images, captions)
     options, full_batches = row_candidates(settings.objective_options, settings.batch_size)
