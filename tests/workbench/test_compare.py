@@ -26,6 +26,7 @@ def test_compare_writes_every_report_file_and_caches_stage_one(tmp_path, capsys)
         assert (tmp_path / "out" / name).is_file(), name
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(saved["objectives"]) == {"mle", "smile", "mle=0.01,smile=0.99"} == set(report["objectives"])
+    assert set(report["false_facts_by_kind"]) == set(report["objectives"])  # scenes: errors per kind of fact
     for metrics in saved["objectives"].values():
         assert set(COLUMNS) <= set(metrics)
     printed = capsys.readouterr().out

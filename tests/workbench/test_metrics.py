@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from seqloss.workbench import scenes
-from seqloss.workbench.metrics import caption_lengths, parse_caption, scene_scores, text_scores
+from seqloss.workbench.metrics import (
+    caption_lengths,
+    false_facts_by_kind,
+    parse_caption,
+    scene_scores,
+    text_scores,
+)
 from seqloss.workbench.scenes import Scene, SceneObject
 
 
@@ -41,6 +47,15 @@ def test_recall_and_hallucination_are_micro_averaged():
     scores = scene_scores(["a red circle", "a green triangle and a circle on the right"], [TWO, ONE])
     assert scores["attribute_recall"] == pytest.approx((2 + 2) / (8 + 4))
     assert scores["hallucination_rate"] == pytest.approx(2 / (2 + 4))
+
+
+def test_false_facts_are_counted_per_kind_and_add_up_to_the_hallucination_rate():
+    captions, truth = ["a red circle", "a green triangle and a circle on the right"], [TWO, ONE]
+    counts = false_facts_by_kind(captions, truth)
+    assert counts == {"shape": {"stated": 3, "false": 1}, "colour": {"stated": 2, "false": 0},
+                      "size": {"stated": 0, "false": 0}, "position": {"stated": 1, "false": 1}}
+    stated, false = (sum(c[key] for c in counts.values()) for key in ("stated", "false"))
+    assert false / stated == pytest.approx(scene_scores(captions, truth)["hallucination_rate"])
 
 
 def test_a_caption_mentioning_nothing_has_zero_recall_and_zero_hallucination():

@@ -38,6 +38,18 @@ def test_report_json_has_distinct_captions_and_file_names(tmp_path):
     assert not (tmp_path / "recall_vs_hallucination.png").exists() and (tmp_path / "examples.png").is_file()
 
 
+def test_scenes_reports_show_false_facts_by_kind(tmp_path, capsys):
+    results = _results(with_truth=True)
+    for r in results.values():
+        r["false_facts_by_kind"] = {"shape": {"stated": 2, "false": 0}, "position": {"stated": 2, "false": 1}}
+    write_report(tmp_path, results, _evaluation(), settings={})
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["false_facts_by_kind"]["smile"]["position"] == {"stated": 2, "false": 1}
+    md = (tmp_path / "report.md").read_text()
+    assert "| objective | shape | position |" in md and "| mle | 0/2 | 1/2 |" in md
+    assert "| smile | 0/2 | 1/2 |" in capsys.readouterr().out
+
+
 def test_table_shows_every_measured_column():
     header = table({name: r["metrics"] for name, r in _results(with_truth=True).items()}).splitlines()[0]
     assert header == ("| objective | avg_length | distinct_words | distinct_captions | attribute_recall | "

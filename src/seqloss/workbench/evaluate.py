@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .data import open_image
-from .metrics import scene_scores, text_scores
+from .metrics import false_facts_by_kind, scene_scores, text_scores
 from .model import Captioner
 
 
@@ -44,7 +44,8 @@ class EvalSet:
 
 
 def evaluate(captioner: Captioner, data: EvalSet, generation: Optional[Generation] = None) -> dict[str, Any]:
-    """Metrics, the generated captions (one per image) and the images' names.
+    """Metrics, the generated captions (one per image) and the images' names; on scenes also
+    ``false_facts_by_kind`` (stated and false facts per kind: shape, colour, size, position).
 
     ``distinct_captions`` counts different captions: a captioner that looks at the image writes
     nearly one per image, one that does not repeats a few templates.
@@ -52,10 +53,12 @@ def evaluate(captioner: Captioner, data: EvalSet, generation: Optional[Generatio
     captions = captioner.caption(data.images, **(generation or Generation()).options())
     metrics = text_scores(captions, data.references)
     metrics["distinct_captions"] = len(set(captions))
+    names = data.names or [str(i) for i in range(len(captions))]
+    result = {"metrics": metrics, "captions": captions, "images": names}
     if data.scenes is not None:
         metrics.update(scene_scores(captions, data.scenes))
-    names = data.names or [str(i) for i in range(len(captions))]
-    return {"metrics": metrics, "captions": captions, "images": names}
+        result["false_facts_by_kind"] = false_facts_by_kind(captions, data.scenes)
+    return result
 
 
 def captions_by_image(result: dict[str, Any]) -> list[dict[str, str]]:

@@ -76,6 +76,25 @@ def scene_scores(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[str, 
             "hallucination_rate": false / mentioned if mentioned else 0.0}
 
 
+FACT_KINDS = ("shape", "colour", "size", "position")
+
+
+def false_facts_by_kind(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[str, dict[str, int]]:
+    """Per kind of fact (``FACT_KINDS``): how many the captions state and how many of those are false.
+
+    The hallucination rate in one number hides *what* a captioner gets wrong; a captioner that sees
+    shapes and colours but not where they are shows it here (``position``: most stated ones false).
+    """
+    _check_pairs(captions, scenes, "scenes")
+    counts = {kind: {"stated": 0, "false": 0} for kind in FACT_KINDS}
+    for caption, scene in zip(captions, scenes):
+        truth = facts(scene)
+        for fact in parse_caption(caption):
+            counts[fact[0]]["stated"] += 1
+            counts[fact[0]]["false"] += fact not in truth
+    return counts
+
+
 def caption_lengths(captions: Sequence[str]) -> list[int]:
     """Words per caption (whitespace tokens)."""
     return [len(c.split()) for c in captions]

@@ -87,6 +87,15 @@ def _wrap(caption: str, width: int = 34) -> str:
     return "\n   ".join(lines + [line])
 
 
+def kinds_table(by_kind: dict[str, dict[str, dict[str, int]]]) -> str:
+    """A markdown table: one row per objective, ``false/stated`` per kind of fact."""
+    kinds = list(next(iter(by_kind.values())))
+    lines = ["| objective | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for name, counts in by_kind.items():
+        lines.append(f"| {name} | " + " | ".join(f"{counts[k]['false']}/{counts[k]['stated']}" for k in kinds) + " |")
+    return "\n".join(lines)
+
+
 def write_report(out_dir: Path, results: dict[str, dict[str, Any]], evaluation: Any,
                  settings: dict[str, Any]) -> dict[str, Any]:
     """Write report.json, report.md and the plots; print and return the report.
@@ -102,15 +111,22 @@ def write_report(out_dir: Path, results: dict[str, dict[str, Any]], evaluation: 
                 "captions": {n: results[n]["captions"][i] for n in results}}
                for i in range(min(SAMPLES, len(names)))]
     plots = _plots(out_dir, results, evaluation)
+    by_kind = {n: r["false_facts_by_kind"] for n, r in results.items() if "false_facts_by_kind" in r}
     report = {"objectives": metrics, "settings": settings, "samples": samples, "plots": plots,
               "captions": {n: captions_by_image(r) for n, r in results.items()}}
+    if by_kind:
+        report["false_facts_by_kind"] = by_kind
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     md = ["# seqloss compare", "", table(metrics), ""]
+    if by_kind:
+        md += ["False facts / stated facts, by kind:", "", kinds_table(by_kind), ""]
     md += [f"![{p}]({p})" for p in plots] + ["", "## Sample captions", ""]
     for s in samples:
         md.append(f"**{s['image']}** — references: " + " / ".join(f"*{r}*" for r in s["references"]))
         md += [f"- {n}: {c}" for n, c in s["captions"].items()] + [""]
     (out_dir / "report.md").write_text("\n".join(md))
     print(table(metrics))
+    if by_kind:
+        print("false facts / stated facts, by kind:\n" + kinds_table(by_kind))
     print(f"report: {out_dir / 'report.md'}")
     return report
