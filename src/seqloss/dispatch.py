@@ -67,8 +67,10 @@ TABLE: dict[tuple[str, str], Runner] = {
 def resolve_impl(impl: str, device: torch.device) -> str:
     """``"auto"`` → a concrete impl; a named impl that cannot run here raises.
 
-    ``"auto"`` is ``"torch"``: the Triton kernels are verified (under Triton's interpreter and an
-    sm_90 compile) but not yet timed on a GPU, so nothing picks them unless asked for by name.
+    ``"auto"`` is ``"torch"``: nothing picks the Triton kernels unless asked for by name. They are
+    verified against the dense spec (interpreter, sm_90 compile, an H200) and timed once on an H200
+    (benchmarks/RESULTS.md), where for MLE they still trail Cut Cross-Entropy; choosing them for
+    "auto" on CUDA waits for that gap and a second timing.
     """
     if impl == "triton":
         reason: Optional[str] = kernels.unavailable_reason(device)
