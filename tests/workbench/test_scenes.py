@@ -117,4 +117,4 @@ def test_write_scenes_is_an_imagefolder_with_a_row_per_caption(tmp_path):
     loaded = datasets.load_dataset("imagefolder", data_dir=str(out), cache_dir=str(tmp_path / "cache"))["train"]
     assert loaded.num_rows == 20  # duplicated file_name rows stay one example per caption
     assert sorted(loaded["text"]) == sorted(r["text"] for r in rows)
-    assert loaded[0]["image"].size == (64, 64)
+    assert loaded[0]["image"].size == (scenes.IMAGE_SIZE,) * 2 == (72, 72)

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from .._lazy import require
+from .scenes import IMAGE_SIZE
 
 # The scenes are a 3x3 grid (scenes.py); a 72-px image in 24-px patches gives the vision tower one
 # token per cell, so each object is seen whole by one patch and its position is the token's index.
-IMAGE_SIZE = 72
 GRID = 3
 
 

@@ -56,6 +56,10 @@ _RADIUS = {"small": 0.2, "large": 0.4}  # half-extent as a fraction of a cell: l
 _BACKGROUND = 245  # near-white, so "on a white background" is true
 _SUPERSAMPLE = 4   # draw 4x larger and downsample: anti-aliased edges keep small shapes legible
 
+# Images are drawn at the size the default captioner reads (model.py): 72 px, three 24-px cells a side,
+# one vision patch per cell, so training, ``seqloss scenes`` and evaluation all see the same pixels.
+IMAGE_SIZE = 72
+
 
 @dataclass(frozen=True)
 class SceneObject:
@@ -125,7 +129,7 @@ def facts(scene: Scene) -> frozenset[Fact]:
         ("position", o.shape, o.position)))
 
 
-def draw(scene: Scene, image_size: int = 64, rng: Optional[random.Random] = None) -> Image.Image:
+def draw(scene: Scene, image_size: int = IMAGE_SIZE, rng: Optional[random.Random] = None) -> Image.Image:
     """Render ``scene`` as an RGB ``image_size`` square on a near-white background.
 
     With ``rng`` each object is jittered inside its cell and light pixel noise is added; without it the
@@ -240,7 +244,7 @@ def captions(scene: Scene, rng: random.Random, k: int = 5) -> list[str]:
 
 # --- the data set ----------------------------------------------------------------------------------
 
-def generate(n: int, seed: int = 0, image_size: int = 64) -> list[Example]:
+def generate(n: int, seed: int = 0, image_size: int = IMAGE_SIZE) -> list[Example]:
     """``n`` examples, deterministic from ``seed``: same seed, byte-identical images and captions.
 
     Example ``i`` depends only on ``(seed, i)``, so ``generate(m, seed)`` is a prefix of
@@ -258,7 +262,7 @@ def generate(n: int, seed: int = 0, image_size: int = 64) -> list[Example]:
     return examples
 
 
-def write_scenes(out_dir: Union[str, Path], n: int, seed: int = 0, image_size: int = 64) -> Path:
+def write_scenes(out_dir: Union[str, Path], n: int, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
     """Write ``generate(n, seed, image_size)`` as a ``datasets`` image folder and return ``out_dir``.
 
     Layout: ``out_dir/<file_name>.png``; ``out_dir/metadata.jsonl`` with one row per caption,
