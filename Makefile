@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_losses.py --repeats 7
 	$(PY) benchmarks/bench_linear.py --repeats 3
 	$(PY) benchmarks/bench_masking.py
+	$(PY) benchmarks/bench_train_step.py --repeats 5
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -7,22 +7,23 @@ Peers:
   * mlm with a [MASK] id: Hugging Face's ``DataCollatorForLanguageModeling.torch_mask_tokens`` at the
     same rate and 80/10/10 split, on a tiny word-level tokenizer built offline.
 
-Times are medians of ``--repeats`` runs (after one warm-up), in ms; each ratio compares two timings
-taken in this run. Run: ``python benchmarks/bench_masking.py [--repeats 7]``.
+Times are medians of ``--repeats`` runs (after one warm-up), in ms, every provider of a shape timed
+in turn in each round (A B A B ..., ``common.interleaved_median_ms``): timed alone in a block, a
+provider keeps its memory and caches warm and looks faster than in a program that does other work
+in between. Each ratio compares two timings taken in this run. Run: ``python benchmarks/bench_masking.py [--repeats 7]``.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
-import statistics
-import time
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 import seqloss.masking as masking
+from common import interleaved_median_ms
 
 SHAPES = ((512, 50), (4096, 200))
 VOCAB = 10_000
@@ -74,56 +75,43 @@ def hf_collator(mlm_probability: float):
     return DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, return_tensors="pt")
 
 
-def median_ms(run: Callable[[object], object], repeats: int, setup: Callable[[], object] = lambda: None) -> float:
-    """Median wall time of ``run(setup())`` over ``repeats`` runs after one warm-up; setup is untimed."""
-    run(setup())
-    times = []
-    for _ in range(repeats):
-        state = setup()
-        start = time.perf_counter()
-        run(state)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
 def output_mib(out: masking.MaskingOutput) -> float:
     tensors = [t for t in vars(out).values() if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def bench_shape(B: int, L: int, repeats: int) -> list[tuple[str, str, float, float, str, Optional[float]]]:
-    """Rows (scheme, shape, seqloss ms, output MiB, peer, peer ms) for one shape."""
+    """Rows (scheme, shape, seqloss ms, output MiB, peer, peer ms) for one shape. Every provider of
+    the shape is timed in turn in each round (A B A B ...), seqloss and peers alike."""
     item_ids = sessions(B, L)
     g = torch.Generator().manual_seed(0)
     shape = f"{B}x{L}"
-    rows = []
-
-    def ours(name: str, **options) -> tuple[masking.MaskingScheme, float, float]:
-        scheme = masking.get(name, padding_idx=PAD, **options)
-        ms = median_ms(lambda _: scheme(item_ids, "train", generator=g), repeats)
-        return scheme, ms, output_mib(scheme(item_ids, "train", generator=g))
-
-    _, ms, mib = ours("clm")
-    rows.append(("clm", shape, ms, mib, "", None))
-    _, ms, mib = ours("mlm")
-    rows.append(("mlm (embedding-level)", shape, ms, mib, "", None))
-
-    _, ms, mib = ours("mlm", mask_token_id=MASK, vocab_size=VOCAB)
-    collator = hf_collator(0.15)
-    hf_ms = median_ms(lambda inputs: collator.torch_mask_tokens(inputs, special_tokens_mask=inputs == PAD),
-                      repeats, setup=item_ids.clone)  # it masks its input in place: a fresh copy each run
-    rows.append(("mlm (80/10/10 ids)", shape, ms, mib, "HF torch_mask_tokens", hf_ms))
-
-    _, ms, mib = ours("plm")
-    loop_ms = median_ms(lambda _: plm_per_row(item_ids, generator=g), repeats)
-    rows.append(("plm", shape, ms, mib, "per-row loop", loop_ms))
-
-    rtd, ms, mib = ours("rtd", mask_token_id=MASK, vocab_size=VOCAB)
-    rows.append(("rtd", shape, ms, mib, "", None))
+    schemes = {
+        "clm": masking.get("clm", padding_idx=PAD),
+        "mlm (embedding-level)": masking.get("mlm", padding_idx=PAD),
+        "mlm (80/10/10 ids)": masking.get("mlm", padding_idx=PAD, mask_token_id=MASK, vocab_size=VOCAB),
+        "plm": masking.get("plm", padding_idx=PAD),
+        "rtd": masking.get("rtd", padding_idx=PAD, mask_token_id=MASK, vocab_size=VOCAB),
+    }
+    rtd = schemes["rtd"]
     out = rtd(item_ids, "train", generator=g)
     logits = torch.randn(int(out.target_mask.sum()), 1000, generator=g)  # a 1000-id generator head
-    corrupt_ms = median_ms(lambda _: rtd.corrupt(item_ids, out, logits, generator=g), repeats)
-    rows.append(("rtd.corrupt (T x 1000 logits)", shape, corrupt_ms, 0.0, "", None))
+    collator = hf_collator(0.15)
+    # HF masks its input in place: each of its runs takes a fresh copy, made before the timing.
+    copies = [item_ids.clone() for _ in range(repeats + 1)]
+    steps: dict[str, Callable[[], object]] = {
+        name: (lambda scheme=scheme: scheme(item_ids, "train", generator=g)) for name, scheme in schemes.items()}
+    steps["rtd.corrupt (T x 1000 logits)"] = lambda: rtd.corrupt(item_ids, out, logits, generator=g)
+    steps["HF torch_mask_tokens"] = lambda: collator.torch_mask_tokens(
+        inputs := copies.pop(), special_tokens_mask=inputs == PAD)
+    steps["per-row loop"] = lambda: plm_per_row(item_ids, generator=g)
+    ms = interleaved_median_ms(steps, repeats)
+    peers = {"mlm (80/10/10 ids)": "HF torch_mask_tokens", "plm": "per-row loop"}
+    rows = []
+    for name in (*schemes, "rtd.corrupt (T x 1000 logits)"):
+        mib = output_mib(schemes[name](item_ids, "train", generator=g)) if name in schemes else 0.0
+        peer = peers.get(name, "")
+        rows.append((name, shape, ms[name], mib, peer, ms[peer] if peer else None))
     return rows
 
 
@@ -157,8 +145,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
     rows = [row for B, L in shapes for row in bench_shape(B, L, args.repeats)]
-    print(f"seqloss.masking, median of {args.repeats} runs; {machine()}\n")
+    print(f"seqloss.masking, median of {args.repeats} interleaved runs; {machine()}\n")
     print(table(rows))
+    plm = [row for row in rows if row[0] == "plm"]
+    print("\nplm against the per-row loop: " + ", ".join(f"{shape} {peer_ms / ms:.1f}x"
+                                                          for _, shape, ms, _, _, peer_ms in plm if peer_ms))
 
 
 if __name__ == "__main__":

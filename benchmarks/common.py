@@ -78,10 +78,18 @@ class PeakRSS:
         self.extra_bytes = (_status_kib("VmHWM") - self.base) * 1024
 
 
-def peak_extra_in_fresh_process(script: str, args: list[str]) -> dict:
-    """Run ``script --measure-memory ARGS`` in a new interpreter; it prints one JSON line."""
+# glibc's malloc keeps freed heap memory resident and raises its mmap threshold as large blocks come
+# and go, so the resident set after a warm-up step would hold that step's freed tensors. With a fixed
+# threshold every block of 64 KiB or more is its own map, returned at free: the resident set follows
+# the live tensors (for a measurement that spans several steps).
+LIVE_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def peak_extra_in_fresh_process(script: str, args: list[str], env: dict[str, str] = None) -> dict:
+    """Run ``script --measure-memory ARGS`` in a new interpreter (``env`` added to its environment);
+    it prints one JSON line."""
     out = subprocess.run([sys.executable, script, "--measure-memory", *args], check=True, capture_output=True,
-                         text=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

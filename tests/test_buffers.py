@@ -9,7 +9,7 @@ import torch
 
 import seqloss
 from seqloss import _buffers
-from tests.conftest import make_labels, make_logits
+from tests.conftest import assert_close_fp32, make_labels, make_logits
 
 
 @pytest.mark.parametrize("maps", [True, False], ids=["anonymous_map", "torch_zeros"])
@@ -72,3 +72,88 @@ def test_the_logits_gradient_buffer_becomes_the_grad_without_a_copy(monkeypatch)
     logits, labels = make_logits(3, 5, 41, seed=11).requires_grad_(True), make_labels(3, 5, vocab_size=41, seed=11)
     seqloss.smile_loss(logits, labels).backward()
     assert logits.grad.data_ptr() == buffers[-1]
+
+
+# --- reused workspaces of the fused head (CPU) -------------------------------------------------------
+
+OPTIONS = {"subset": lambda: {"include": torch.tensor([[1, 4, 9], [2, 2, -1]])},
+           "random_subset": lambda: {"generator": torch.Generator().manual_seed(4), "num_samples": 3}}
+
+
+def _head_grads(objective, seed, impl="torch"):
+    """Loss and (hidden, weight) gradients of one fused-head call on fresh leaves."""
+    labels = make_labels(2, 9, vocab_size=53, seed=seed)
+    hidden = make_logits(2, 9, 6, seed=seed, scale=1.0).requires_grad_(True)
+    weight = make_logits(53, 6, seed=seed + 1, scale=0.5).requires_grad_(True)
+    name = {"mle": 0.3, "smile": 0.7} if objective == "mixture" else objective
+    options = OPTIONS.get(objective, dict)()
+    loss = seqloss.linear_loss(hidden, weight, labels, objective=name, shift=True, impl=impl, **options)
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.fixture
+def maps_only():
+    if not _buffers.anonymous_maps():
+        pytest.skip("no anonymous maps on this platform")
+    _buffers.release_workspaces()
+    yield
+    _buffers.release_workspaces()
+
+
+def test_a_dropped_weight_gradient_is_reused_by_the_next_call(maps_only):
+    first = _head_grads("smile", 0)[2].data_ptr()  # the gradient dies here
+    assert _head_grads("smile", 1)[2].data_ptr() == first
+
+
+def test_a_gradient_the_caller_holds_is_never_overwritten(maps_only):
+    held = _head_grads("mle", 0)[2]
+    kept, address = held.clone(), held.data_ptr()
+    view = held[2:].t()  # a view alone keeps the map too
+    del held
+    for objective in ("mle", "smile", "random_subset"):
+        assert _head_grads(objective, 3)[2].data_ptr() != address
+    torch.testing.assert_close(view.t(), kept[2:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("objective", ["mle", "smile", "random_subset", "subset", "mixture"])
+@pytest.mark.parametrize("before", ["mle", "smile", "random_subset"])
+def test_reused_workspaces_give_the_reference_values_and_gradients(maps_only, objective, before):
+    # The kept maps hold another call's stale gradient, overwritten with NaN: supports that write a
+    # few rows of the weight gradient must zero what they reuse, full ones overwrite it without
+    # letting the NaN through (addmm's beta=0).
+    _head_grads(before, 5)
+    reused = [w for w in _buffers._POOL.workspaces if w.free()]
+    assert reused
+    for w in reused:
+        torch.frombuffer(w.region, dtype=torch.float32).fill_(float("nan"))
+    fast, ref = _head_grads(objective, 6), _head_grads(objective, 6, impl="reference")
+    assert_close_fp32(fast[0], ref[0])
+    for got, want in zip(fast[1:], ref[1:]):
+        assert_close_fp32(got, want, "backward")
+
+
+def test_release_drops_the_kept_maps(maps_only):
+    _head_grads("mle", 0)
+    assert _buffers._POOL.workspaces
+    _buffers.release_workspaces()
+    assert not _buffers._POOL.workspaces
+
+
+def test_a_tied_weight_gradient_is_added_into_the_workspace_in_place(maps_only):
+    # GPT-2 ties the head to the embedding: autograd adds the embedding's gradient into the head's
+    # in place only when the head's is a tensor of its own (not a view), else it allocates a third
+    # V × H buffer. The sum must be right either way.
+    labels = make_labels(2, 9, vocab_size=53, seed=2)
+    hidden = make_logits(2, 9, 6, seed=2, scale=1.0).requires_grad_(True)
+    weight = make_logits(53, 6, seed=3, scale=0.5).requires_grad_(True)
+    ids = labels.clamp(min=0)
+    seqloss.linear_loss(hidden, weight, labels, objective="smile", shift=True).backward()
+    alone = weight.grad.clone()
+    weight.grad = None
+    embedded = torch.nn.functional.embedding(ids, weight).sum()  # first, as in the model: its backward runs last
+    (embedded + seqloss.linear_loss(hidden, weight, labels, objective="smile", shift=True)).backward()
+    maps = [torch.frombuffer(w.region, dtype=torch.uint8).data_ptr() for w in _buffers._POOL.workspaces]
+    assert weight.grad.data_ptr() in maps and weight.grad._base is None
+    embedding = torch.zeros_like(alone).index_add_(0, ids.flatten(), torch.ones(ids.numel(), 6))
+    assert_close_fp32(weight.grad, alone + embedding, "backward")

@@ -13,11 +13,12 @@ PACKAGE = SRC / "seqloss"
 
 # Floors of the core, bottom first: a module imports only from floors below its own.
 FLOORS = [
-    {"seqloss._lazy", "seqloss.support", "seqloss.rows", "seqloss.reference", "seqloss._buffers"},
+    {"seqloss._lazy", "seqloss.support", "seqloss.rows", "seqloss.reference", "seqloss._buffers",
+     "seqloss.sampling"},
     {"seqloss._validate"},
     {"seqloss.plan"},
     {"seqloss.torch_logits", "seqloss.torch_linear", "seqloss.kernels", "seqloss.kernels.engine",
-     "seqloss.kernels.parts", "seqloss.kernels.support_ce"},
+     "seqloss.kernels.parts", "seqloss.kernels.support_ce", "seqloss.torch_sampled"},
     {"seqloss.autograd"},
     {"seqloss.dispatch"},
     {"seqloss.functional"},
@@ -112,5 +113,5 @@ def test_no_private_name_from_a_sibling(module):
 
 def test_one_dispatch_table_covers_every_path_and_impl():
     from seqloss import dispatch
-    assert set(dispatch.TABLE) == {(path, impl) for path in ("logits", "linear")
+    assert set(dispatch.TABLE) == {(path, impl) for path in ("logits", "linear", "sampled")
                                    for impl in ("reference", "torch", "triton")}

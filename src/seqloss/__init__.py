@@ -5,21 +5,26 @@ MLE (all ids), SMILE (the ids of the row's own labels), random and reverse subse
 EOS, explicit candidates, and weighted mixtures of them. See DESIGN §1 and ``seqloss.reference``.
 """
 from . import masking
+from ._buffers import release_workspaces
 from .functional import (
+                         LossStats,
                          cross_entropy,
                          linear_loss,
                          objective_loss,
                          random_subset_loss,
                          reverse_subset_loss,
+                         sampled_softmax_loss,
                          selective_eos_loss,
                          smile_loss,
                          subset_cross_entropy,
 )
 from .modules import (
                          CrossEntropyLoss,
+                         LinearLoss,
                          ObjectiveLoss,
                          RandomSubsetLoss,
                          ReverseSubsetLoss,
+                         SampledSoftmaxLoss,
                          SelectiveEOSLoss,
                          SmileLoss,
                          SubsetCrossEntropyLoss,
@@ -30,7 +35,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "cross_entropy", "smile_loss", "random_subset_loss", "reverse_subset_loss", "selective_eos_loss",
-    "subset_cross_entropy", "objective_loss", "linear_loss",
+    "subset_cross_entropy", "objective_loss", "linear_loss", "sampled_softmax_loss",
     "CrossEntropyLoss", "SmileLoss", "RandomSubsetLoss", "ReverseSubsetLoss", "SelectiveEOSLoss",
-    "SubsetCrossEntropyLoss", "ObjectiveLoss", "OBJECTIVES", "masking",
+    "SubsetCrossEntropyLoss", "ObjectiveLoss", "SampledSoftmaxLoss", "LinearLoss", "LossStats", "OBJECTIVES",
+    "masking",
+    "release_workspaces",
 ]

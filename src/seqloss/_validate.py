@@ -11,6 +11,7 @@ mode only: under ``torch.compile`` they would need the data on the host mid-grap
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,8 @@ from .support import OBJECTIVES
 REDUCTIONS = ("mean", "sum", "none", "sequence")
 IMPLS = ("auto", "reference", "torch", "triton")
 COMMON_DEFAULTS = dict(shift=False, ignore_index=-100, label_smoothing=0.0, reduction="mean",
-                       num_items_in_batch=None, impl="auto")
+                       num_items_in_batch=None, impl="auto", position_ids=None, turns=False, softcap=None,
+                       z_loss=0.0, class_weight=None, return_stats=False)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,12 @@ class Common:
     reduction: str
     num_items_in_batch: Optional[Union[int, Tensor]]
     impl: str
+    position_ids: Optional[Tensor] = None  # after check_call: (B, N) long on the scores' device
+    turns: bool = False
+    softcap: Optional[float] = None        # c: the logits become c·tanh(z / c) before the softmax
+    z_loss: float = 0.0                    # coefficient of lse² per supervised position
+    class_weight: Optional[Tensor] = None  # (V,) after check_call: fp32 on the scores' device
+    return_stats: bool = False
 
 
 Member = tuple[float, str, dict[str, Any]]  # (weight, objective name, its options)
@@ -68,10 +76,16 @@ def check_call(objective: Any, options: Mapping[str, Any], *, logits: Any = None
     * neither: the objective and options alone (``seqloss.hf`` at patch time), ids checked against
       ``vocab_size`` when given; per-call candidate lists (``include``/``exclude``) are left to the call.
     """
+    if "weight" in options:  # the logits functions take class weights as torch does, ``weight=``
+        if "class_weight" in options:
+            raise TypeError("pass class weights once, as weight= or as class_weight=")
+        options = {("class_weight" if k == "weight" else k): v for k, v in options.items()}
     common = check_common({k: v for k, v in options.items() if k in COMMON_DEFAULTS})
     others = {k: v for k, v in options.items() if k not in COMMON_DEFAULTS}
     objectives = check_objective(objective)
     if logits is None and hidden is None:
+        if common.class_weight is not None and vocab_size is not None:
+            check_class_weight(common.class_weight, vocab_size)
         others = {k: v for k, v in others.items() if k not in ("include", "exclude")}
         return Call(common, route_options(objectives, others, vocab_size, None, 0), None, (), 0, vocab_size)
     if hidden is not None:
@@ -85,6 +99,12 @@ def check_call(objective: Any, options: Mapping[str, Any], *, logits: Any = None
     check_labels(labels, (*lead, N), vocab, common.ignore_index, against=against)
     members = route_options(objectives, others, vocab, lead, N, scores.device)
     flat = labels.to(scores.device).reshape(math.prod(lead), N)
+    if common.position_ids is not None:
+        check_position_ids(common.position_ids, tuple(labels.shape), common.reduction)
+        common = dataclasses.replace(common, position_ids=common.position_ids.to(scores.device).reshape(flat.shape))
+    if common.class_weight is not None:
+        check_class_weight(common.class_weight, vocab)
+        common = dataclasses.replace(common, class_weight=common.class_weight.to(scores.device, torch.float32))
     return Call(common, members, flat, lead, N, vocab)
 
 
@@ -106,6 +126,27 @@ def check_common(options: Mapping[str, Any]) -> Common:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {c.reduction!r}")
     if c.impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {c.impl!r}")
+    if not isinstance(c.turns, bool):
+        raise TypeError(f"turns must be a bool, got {type(c.turns).__name__}")
+    if c.position_ids is not None and not isinstance(c.position_ids, Tensor):
+        raise TypeError(f"position_ids must be a torch.Tensor or None, got {type(c.position_ids).__name__}")
+    if not isinstance(c.return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {type(c.return_stats).__name__}")
+    if c.softcap is not None:
+        if not isinstance(c.softcap, numbers.Real) or isinstance(c.softcap, bool):
+            raise TypeError(f"softcap must be a positive number or None, got {type(c.softcap).__name__}")
+        if not (math.isfinite(c.softcap) and c.softcap > 0):
+            raise ValueError(f"softcap must be a positive finite number, got {c.softcap}")
+    if not isinstance(c.z_loss, numbers.Real) or isinstance(c.z_loss, bool):
+        raise TypeError(f"z_loss must be a float, got {type(c.z_loss).__name__}")
+    if not (math.isfinite(c.z_loss) and c.z_loss >= 0):
+        raise ValueError(f"z_loss must be a finite coefficient >= 0, got {c.z_loss}")
+    if c.class_weight is not None:
+        if not isinstance(c.class_weight, Tensor):
+            raise TypeError(f"class weights must be a torch.Tensor or None, got {type(c.class_weight).__name__}")
+        if float(c.label_smoothing) > 0:
+            raise ValueError("class weights with label_smoothing > 0 are not supported (torch weights the "
+                             "smoothing term per class, over the whole vocabulary, which subsets do not have)")
     k = c.num_items_in_batch
     if k is not None:
         if isinstance(k, Tensor):
@@ -178,6 +219,31 @@ def check_labels(labels: Any, expected_shape: Sequence[int], vocab_size: int, ig
     if bool(bad.any()):
         value = int(labels[bad].flatten()[0])
         raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; found {value}")
+
+
+def check_position_ids(position_ids: Tensor, labels_shape: tuple[int, ...], reduction: str) -> None:
+    """Hugging Face's padding-free ``position_ids``: integer, the labels' shape, >= 0 (0 = an example starts)."""
+    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+        raise TypeError(f"position_ids must hold integer positions (torch.long), got {position_ids.dtype}")
+    if tuple(position_ids.shape) != labels_shape:
+        raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match the labels' {labels_shape}")
+    if _tracing():
+        if reduction == "sequence":
+            raise ValueError("reduction='sequence' with position_ids returns one sum per packed example, a "
+                             "data-dependent shape that torch.compile cannot trace; use reduction='none'")
+        return
+    if bool((position_ids < 0).any()):
+        raise ValueError(f"position_ids must be >= 0 (0 marks where a packed example starts), "
+                         f"found {int(position_ids.min())}")
+
+
+def check_class_weight(weight: Tensor, vocab_size: int) -> None:
+    """Class weights: (V,) floating point, finite, >= 0 (torch's ``cross_entropy(weight=...)``)."""
+    if not weight.is_floating_point() or tuple(weight.shape) != (vocab_size,):
+        raise ValueError(f"class weights must be a floating-point tensor of shape ({vocab_size},), one per id, "
+                         f"got {weight.dtype} {tuple(weight.shape)}")
+    if not _tracing() and (not bool(torch.isfinite(weight).all()) or bool((weight < 0).any())):
+        raise ValueError("class weights must be finite and >= 0")
 
 
 def check_ids(ids: Any, name: str, vocab_size: Optional[int]) -> tuple[int, ...]:
@@ -287,3 +353,75 @@ def route_options(objectives: list[tuple[float, str]], options: dict[str, Any], 
         raise TypeError(f"unexpected keyword argument(s) {names} for objective "
                         f"{'+'.join(n for _, n in objectives)}")
     return members
+
+
+# --- sampled softmax ---------------------------------------------------------------------------
+
+SAMPLER_NAMES = ("uniform", "log_uniform", "in_batch")
+# The common keywords sampled softmax takes (packing and turns change nothing for a loss without
+# per-row sets, except the shift across packed examples, which it does not implement).
+SAMPLED_COMMON = ("shift", "ignore_index", "label_smoothing", "reduction", "num_items_in_batch", "impl")
+
+
+@dataclass(frozen=True)
+class SampledCall:
+    """A validated ``sampled_softmax_loss`` call; labels (B, N) on the hidden states' device."""
+
+    common: Common
+    labels: Tensor
+    lead: tuple[int, ...]
+    N: int
+    vocab_size: int
+    num_negatives: int
+    sampler: Union[str, Tensor]   # a name, or (V,) float64 weights on the hidden states' device
+    log_q_correction: bool
+    remove_accidental_hits: bool
+    share_negatives: bool
+    generator: Optional[torch.Generator]
+
+
+def check_sampled_call(hidden: Any, weight: Any, labels: Any, *, num_negatives: Any, sampler: Any,
+                       log_q_correction: Any, remove_accidental_hits: Any, share_negatives: Any,
+                       generator: Any, options: Mapping[str, Any]) -> SampledCall:
+    """The checks of ``sampled_softmax_loss``: the fused head's tensors, the common options and the
+    sampler's own (a name, or (V,) non-negative finite weights with a positive sum)."""
+    unknown = sorted(set(options) - set(SAMPLED_COMMON))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)} for sampled_softmax_loss; "
+                        f"it takes {', '.join(SAMPLED_COMMON)} besides its own")
+    common = check_common(options)
+    check_linear(hidden, weight, None)
+    *lead_list, N = hidden.shape[:-1]
+    lead = tuple(lead_list)
+    V = weight.shape[0]
+    check_labels(labels, (*lead, N), V, common.ignore_index, against="hidden")
+    if not _is_int(num_negatives):
+        raise TypeError(f"num_negatives must be an int, got {type(num_negatives).__name__}")
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+    for name, value in (("log_q_correction", log_q_correction), ("remove_accidental_hits", remove_accidental_hits),
+                        ("share_negatives", share_negatives)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    checked_sampler: Union[str, Tensor]
+    if isinstance(sampler, str):
+        if sampler not in SAMPLER_NAMES:
+            raise ValueError(f"sampler must be one of {SAMPLER_NAMES} or a (V,) tensor of weights, got {sampler!r}")
+        checked_sampler = sampler
+    elif isinstance(sampler, Tensor):
+        if not sampler.is_floating_point() or tuple(sampler.shape) != (V,):
+            raise ValueError(f"sampler weights must be a floating-point tensor of shape ({V},) (one per row of "
+                             f"weight), got {sampler.dtype} {tuple(sampler.shape)}")
+        checked_sampler = sampler.to(device=hidden.device, dtype=torch.float64)
+        if not _tracing():
+            if not bool(torch.isfinite(checked_sampler).all()) or bool((checked_sampler < 0).any()):
+                raise ValueError("sampler weights must be finite and >= 0")
+            if not float(checked_sampler.sum()) > 0:
+                raise ValueError("sampler weights must have a positive sum")
+    else:
+        raise TypeError(f"sampler must be a name or a (V,) tensor of weights, got {type(sampler).__name__}")
+    flat = labels.to(hidden.device).reshape(math.prod(lead), N)
+    return SampledCall(common, flat, lead, N, V, int(num_negatives), checked_sampler, log_q_correction,
+                       remove_accidental_hits, share_negatives, generator)

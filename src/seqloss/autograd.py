@@ -50,9 +50,9 @@ def _flat_parts(plan: Plan) -> tuple[list[float], list[Optional[Tensor]], list[O
 
 def _plan(labels: Tensor, coef: Tensor, alphas: Sequence[float], excludes: Sequence[Optional[Tensor]],
           ids: Sequence[Optional[Tensor]], positions: Sequence[Tensor], label_smoothing: float,
-          scalar: bool) -> Plan:
+          scalar: bool, sequence: Optional[Tensor], z_loss: float, softcap: Optional[float]) -> Plan:
     parts = [SupportPart(*part) for part in zip(alphas, excludes, ids, positions)]
-    return Plan(labels, coef, parts, label_smoothing, scalar)
+    return Plan(labels, coef, parts, label_smoothing, scalar, sequence, z_loss, softcap)
 
 
 def _no_grads(inputs: Sequence[Any]) -> tuple[Any, ...]:
@@ -114,13 +114,16 @@ def logits_op(impl: str, engine: Callable[[], LogitsEngine]) -> Callable[[Tensor
     @torch.library.custom_op(f"seqloss::logits_{impl}", mutates_args=())
     def op(logits: Tensor, labels: Tensor, coef: Tensor, alphas: List[float], excludes: List[Optional[Tensor]],
            ids: List[Optional[Tensor]], positions: List[Tensor], label_smoothing: float, scalar: bool,
+           sequence: Optional[Tensor], z_loss: float, softcap: Optional[float],
            need_grad: bool) -> Tuple[Tensor, Tensor]:
-        plan = _plan(labels, coef, alphas, excludes, ids, positions, label_smoothing, scalar)
+        plan = _plan(labels, coef, alphas, excludes, ids, positions, label_smoothing, scalar, sequence, z_loss,
+                     softcap)
         out, grad = _logits_forward(engine(), logits, plan, need_grad)
         return out, grad if grad is not None else _empty(logits)
 
     @op.register_fake
-    def _(logits, labels, coef, alphas, excludes, ids, positions, label_smoothing, scalar, need_grad):
+    def _(logits, labels, coef, alphas, excludes, ids, positions, label_smoothing, scalar, sequence, z_loss,
+          softcap, need_grad):
         out = logits.new_empty(() if scalar else labels.shape, dtype=torch.float32)
         return out, torch.empty_like(logits) if need_grad else _empty(logits)
 
@@ -144,7 +147,7 @@ def logits_op(impl: str, engine: Callable[[], LogitsEngine]) -> Callable[[Tensor
             return SupportCrossEntropy.apply(logits, plan, engine())
         need_grad = torch.is_grad_enabled() and logits.requires_grad
         return op(logits, plan.labels, plan.coef, *_flat_parts(plan), plan.label_smoothing, plan.scalar,
-                  need_grad)[0]
+                  plan.sequence, plan.z_loss, plan.softcap, need_grad)[0]
 
     return run
 
@@ -173,7 +176,11 @@ def _run_linear(engine: LinearEngine, hidden: Tensor, weight: Tensor, bias: Opti
     out: list[Optional[Tensor]] = []
     for g, like in ((grads.hidden, hidden), (grads.weight if grads.want_weight else None, weight),
                     (grads.bias, bias)):
-        out.append(None if g is None or like is None else g.view_as(like).to(like.dtype))
+        if g is not None and like is not None:
+            # Not a view where the shapes agree: autograd adds a tied weight's other gradient in place
+            # only into a tensor that is the sole user of its memory (else a third V × H buffer).
+            g = (g if g.shape == like.shape else g.view_as(like)).to(like.dtype)
+        out.append(None if like is None else g)
     return loss, out
 
 
@@ -238,32 +245,37 @@ def linear_op(impl: str, engine: Callable[[], LinearEngine]) -> Callable[..., Te
     @torch.library.custom_op(f"seqloss::linear_{impl}", mutates_args=())
     def op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, coef: Tensor, alphas: List[float],
            excludes: List[Optional[Tensor]], ids: List[Optional[Tensor]], positions: List[Tensor],
-           label_smoothing: float, scalar: bool, dtype: torch.dtype,
-           need: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        plan = _plan(labels, coef, alphas, excludes, ids, positions, label_smoothing, scalar)
+           label_smoothing: float, scalar: bool, sequence: Optional[Tensor], z_loss: float,
+           softcap: Optional[float], dtype: torch.dtype, need: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        plan = _plan(labels, coef, alphas, excludes, ids, positions, label_smoothing, scalar, sequence, z_loss,
+                     softcap)
         out, grads = _linear_forward(engine(), hidden, weight, bias, plan, dtype, need)
         return (out, *filled(grads, hidden))
 
     @op.register_fake
-    def _(hidden, weight, bias, labels, coef, alphas, excludes, ids, positions, label_smoothing, scalar, dtype, need):
+    def _(hidden, weight, bias, labels, coef, alphas, excludes, ids, positions, label_smoothing, scalar, sequence,
+          z_loss, softcap, dtype, need):
         out = hidden.new_empty(() if scalar else labels.shape, dtype=torch.float32)
         return (out, *fake_grads(hidden, weight, bias, need if scalar else [False] * 3))
 
     @torch.library.custom_op(f"seqloss::linear_{impl}_backward", mutates_args=())
     def recompute(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, w_all: Tensor,
                   alphas: List[float], excludes: List[Optional[Tensor]], ids: List[Optional[Tensor]],
-                  positions: List[Tensor], label_smoothing: float, dtype: torch.dtype,
-                  need: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
-        plan = _plan(labels, w_all, alphas, excludes, ids, positions, label_smoothing, False)
+                  positions: List[Tensor], label_smoothing: float, sequence: Optional[Tensor], z_loss: float,
+                  softcap: Optional[float], dtype: torch.dtype, need: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+        plan = _plan(labels, w_all, alphas, excludes, ids, positions, label_smoothing, False, sequence, z_loss,
+                     softcap)
         return filled(_run_linear(engine(), hidden, weight, bias, plan, w_all, dtype, need)[1], hidden)
 
     @recompute.register_fake
-    def _(hidden, weight, bias, labels, w_all, alphas, excludes, ids, positions, label_smoothing, dtype, need):
+    def _(hidden, weight, bias, labels, w_all, alphas, excludes, ids, positions, label_smoothing, sequence, z_loss,
+          softcap, dtype, need):
         return fake_grads(hidden, weight, bias, need)
 
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, labels, coef, alphas, excludes, ids, positions, eps, scalar, dtype, need = inputs
-        ctx.scalar, ctx.need, ctx.static = scalar, need, (alphas, eps, dtype)
+        (hidden, weight, bias, labels, coef, alphas, excludes, ids, positions, eps, scalar, sequence, z_loss, softcap,
+         dtype, need) = inputs
+        ctx.scalar, ctx.need, ctx.static = scalar, need, (alphas, eps, z_loss, softcap, dtype)
         ctx.n_parts = len(alphas)
         ctx.no_grads = _no_grads(inputs)
         ctx.mark_non_differentiable(*output[1:])
@@ -271,7 +283,7 @@ def linear_op(impl: str, engine: Callable[[], LinearEngine]) -> Callable[..., Te
         if scalar:
             ctx.grads = output[1:]
         else:  # backward recomputes from the inputs
-            ctx.save_for_backward(hidden, weight, bias, labels, coef, *excludes, *ids, *positions)
+            ctx.save_for_backward(hidden, weight, bias, labels, coef, sequence, *excludes, *ids, *positions)
 
     def backward(ctx, grad_out, *_):
         if ctx.scalar:
@@ -280,11 +292,12 @@ def linear_op(impl: str, engine: Callable[[], LinearEngine]) -> Callable[..., Te
                 raise RuntimeError(SECOND_BACKWARD)
             grads = _scale_in_place([g if n else None for g, n in zip(grads, ctx.need)], grad_out, traced=True)
         else:
-            hidden, weight, bias, labels, coef, *rest = ctx.saved_tensors
+            hidden, weight, bias, labels, coef, sequence, *rest = ctx.saved_tensors
             k = ctx.n_parts
-            alphas, eps, dtype = ctx.static
+            alphas, eps, z_loss, softcap, dtype = ctx.static
             grads = recompute(hidden, weight, bias, labels, coef * grad_out.float(), alphas, list(rest[:k]),
-                              list(rest[k:2 * k]), list(rest[2 * k:]), eps, dtype, ctx.need)
+                              list(rest[k:2 * k]), list(rest[2 * k:]), eps, sequence, z_loss, softcap, dtype,
+                              ctx.need)
             grads = [g if n else None for g, n in zip(grads, ctx.need)]
         return (*grads, *ctx.no_grads[3:])
 
@@ -297,6 +310,6 @@ def linear_op(impl: str, engine: Callable[[], LinearEngine]) -> Callable[..., Te
         grad_mode = torch.is_grad_enabled()
         need = [grad_mode and t is not None and t.requires_grad for t in (hidden, weight, bias)]
         return op(hidden, weight, bias, plan.labels, plan.coef, *_flat_parts(plan), plan.label_smoothing,
-                  plan.scalar, dtype, need)[0]
+                  plan.scalar, plan.sequence, plan.z_loss, plan.softcap, dtype, need)[0]
 
     return run

@@ -17,7 +17,7 @@ class _ObjectiveModule(nn.Module):
         super().__init__()
         self.options = options
 
-    def forward(self, logits: Tensor, labels: Tensor, **per_call: Any) -> Tensor:
+    def forward(self, logits: Tensor, labels: Tensor, **per_call: Any) -> F.Loss:
         return F.objective_loss(logits, labels, self.objective, **{**self.options, **per_call})
 
     def extra_repr(self) -> str:
@@ -63,7 +63,7 @@ class SubsetCrossEntropyLoss(_ObjectiveModule):
     objective = "subset"
 
     def forward(self, logits: Tensor, labels: Tensor, *, include: Optional[Tensor] = None,
-                exclude: Optional[Tensor] = None, **per_call: Any) -> Tensor:
+                exclude: Optional[Tensor] = None, **per_call: Any) -> F.Loss:
         return super().forward(logits, labels, include=include, exclude=exclude, **per_call)
 
 
@@ -76,3 +76,37 @@ class ObjectiveLoss(_ObjectiveModule):
 
     def extra_repr(self) -> str:
         return ", ".join([repr(self.objective), super().extra_repr()]).rstrip(", ")
+
+
+class SampledSoftmaxLoss(nn.Module):
+    """Sampled softmax; see :func:`seqloss.sampled_softmax_loss`. ``forward(hidden, weight, labels, **per_call)``
+    (``generator=`` per call, say)."""
+
+    def __init__(self, num_negatives: int, **options: Any) -> None:
+        super().__init__()
+        self.options = {"num_negatives": num_negatives, **options}
+
+    def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, **per_call: Any) -> Tensor:
+        return F.sampled_softmax_loss(hidden, weight, labels, **{**self.options, **per_call})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class LinearLoss(nn.Module):
+    """The fused LM head; see :func:`seqloss.linear_loss`. ``LinearLoss("smile", shift=True)``, then
+    ``forward(hidden, weight, labels, bias=None, **per_call)`` — the head's weight and bias are the
+    model's (``lm_head.weight``), passed per call, as Liger's fused-linear loss takes them."""
+
+    def __init__(self, objective: Any = "mle", **options: Any) -> None:
+        super().__init__()
+        self.objective = objective
+        self.options = options
+
+    def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
+                **per_call: Any) -> F.Loss:
+        return F.linear_loss(hidden, weight, labels, bias=bias, objective=self.objective,
+                             **{**self.options, **per_call})
+
+    def extra_repr(self) -> str:
+        return ", ".join([repr(self.objective)] + [f"{k}={v!r}" for k, v in self.options.items()])

@@ -8,10 +8,13 @@ SMILE authors' code build it, then one masked log-softmax:
 with label smoothing ε spread over the support:
     (1 - ε) · (-log p_y) + ε · mean_{v in S(b,n)} (-log p_v).
 
+"Per row" means per *sequence*: a row, each packed example of a row (``position_ids``: an example
+starts where they restart, at 0), or with ``turns`` each maximal run of supervised positions of an example.
+
 This module materialises (B, N, V) masks and masked copies of the logits on purpose; the engines
 never do. It builds every mask from the labels alone and imports nothing from the code it checks
-(the shift, the first supervised position and the random draws are written out again here).
-Inputs are already validated and flattened: logits (B, N, V), labels (B, N) unshifted.
+(the shift, the sequences, the first supervised position and the random draws are written out
+again here). Inputs are already validated and flattened: logits (B, N, V), labels (B, N) unshifted.
 """
 from __future__ import annotations
 
@@ -31,20 +34,38 @@ class Targets:
     target_mask: Tensor  # (B, N) bool, True = has a target
     vocab_size: int
     shift: bool
+    same_sequence: Tensor  # (B, N, N) bool: positions n and m belong to the same sequence
 
 
-def targets(labels: Tensor, vocab_size: int, shift: bool, ignore_index: int) -> Targets:
-    """Position n predicts ``labels[n + 1]`` when ``shift`` (the last position has no target)."""
+def targets(labels: Tensor, vocab_size: int, shift: bool, ignore_index: int,
+            position_ids: Optional[Tensor] = None, turns: bool = False) -> Targets:
+    """Position n predicts ``labels[n + 1]`` when ``shift`` (the last position of a row, and of a
+    packed example, has no target)."""
     labels = labels.long()
+    B, N = labels.shape
+    example = torch.zeros(B, N, dtype=torch.long, device=labels.device)  # example number within the row
+    if position_ids is not None:  # a new example wherever the positions do not count on (a restart at 0)
+        restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+        example[:, 1:] = restarts.long().cumsum(dim=1)
     if shift:
+        next_example = torch.cat([example[:, 1:], example[:, -1:] + 1], dim=1)
         labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)
-    return Targets(labels, labels != ignore_index, vocab_size, shift)
+        labels = torch.where(next_example == example, labels, ignore_index)  # never across two examples
+    target_mask = labels != ignore_index
+    sequence = example
+    if turns:  # a new sequence wherever a run of supervised positions begins
+        before = torch.cat([torch.zeros_like(target_mask[:, :1]), target_mask[:, :-1]], dim=1)
+        new_example = torch.cat([torch.ones_like(target_mask[:, :1]), example[:, 1:] != example[:, :-1]], dim=1)
+        sequence = (new_example | (target_mask & ~before)).long().cumsum(dim=1)
+    same_sequence = sequence.unsqueeze(2) == sequence.unsqueeze(1)      # (B, N, N)
+    return Targets(labels, target_mask, vocab_size, shift, same_sequence)
 
 
-def first_supervised(target_mask: Tensor) -> Tensor:
-    """(B, N) bool: the first position of each row with a target."""
-    targets_so_far = target_mask.long().cumsum(dim=1)                 # (B, N)
-    return target_mask & (targets_so_far == 1)
+def first_supervised(t: Targets) -> Tensor:
+    """(B, N) bool: the first position of each sequence with a target."""
+    earlier = torch.ones(t.labels.shape[1], t.labels.shape[1], device=t.labels.device).tril(-1).bool()
+    supervised_earlier = (t.same_sequence & earlier & t.target_mask.unsqueeze(1)).any(dim=2)  # (B, N)
+    return t.target_mask & ~supervised_earlier
 
 
 def random_draws(shape: tuple[int, int], vocab_size: int, num_samples: int,
@@ -55,13 +76,12 @@ def random_draws(shape: tuple[int, int], vocab_size: int, num_samples: int,
     return torch.randint(vocab_size, (*shape, num_samples), generator=generator, device=gen_device).to(device)
 
 
-def _row_token_mask(t: Targets) -> Tensor:
-    """(B, V) bool: the ids that occur as supervised labels in each row (ignored labels never leak)."""
-    B = t.labels.shape[0]
-    mask = torch.zeros(B, t.vocab_size + 1, dtype=torch.bool, device=t.labels.device)
-    ids = torch.where(t.target_mask, t.labels, t.vocab_size)  # ignored → a spare column, dropped below
-    mask.scatter_(1, ids, True)
-    return mask[:, : t.vocab_size]
+def _sequence_token_mask(t: Targets) -> Tensor:
+    """(B, N, V) bool: the ids that occur as supervised labels in the sequence of each position
+    (ignored labels never leak)."""
+    one_hot = torch.nn.functional.one_hot(torch.where(t.target_mask, t.labels, t.vocab_size),
+                                          t.vocab_size + 1)[..., : t.vocab_size]  # (B, N, V); ignored → none
+    return (t.same_sequence.float() @ one_hot.float()) > 0               # (B, N, N) @ (B, N, V)
 
 
 def _with_label(t: Targets, support: Tensor) -> Tensor:
@@ -82,11 +102,10 @@ def mle_mask(t: Targets) -> Tensor:
 
 
 def smile_mask(t: Targets, *, first_token_mle: bool = True, exclude_ids: Sequence[int] = ()) -> Tensor:
-    N = t.labels.shape[1]
-    support = _row_token_mask(t).unsqueeze(1).expand(-1, N, -1)   # (B, N, V)
+    support = _sequence_token_mask(t)                                # (B, N, V)
     support = _with_label(t, _without(exclude_ids, support))
     if first_token_mle:
-        support = support | first_supervised(t.target_mask).unsqueeze(-1)
+        support = support | first_supervised(t).unsqueeze(-1)
     return support
 
 
@@ -100,8 +119,7 @@ def random_subset_mask(t: Targets, *, num_samples: int = 10, generator: Optional
 
 
 def reverse_subset_mask(t: Targets, *, exclude_ids: Sequence[int] = ()) -> Tensor:
-    N = t.labels.shape[1]
-    support = (~_row_token_mask(t)).unsqueeze(1).expand(-1, N, -1)  # (B, N, V)
+    support = ~_sequence_token_mask(t)                               # (B, N, V)
     return _with_label(t, _without(exclude_ids, support))
 
 
@@ -139,24 +157,72 @@ MASKS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def token_losses(logits: Tensor, t: Targets, support: Tensor, label_smoothing: float) -> Tensor:
-    """(B, N) fp32 loss of each position over its support mask (B, N, V); 0 where there is no target."""
-    z = logits.float().masked_fill(~support, float("-inf"))          # (B, N, V)
+def capped(logits: Tensor, softcap: Optional[float]) -> Tensor:
+    """fp32 logits, soft-capped to c·tanh(z / c) when ``softcap`` = c is given (Gemma 2)."""
+    z = logits.float()
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def token_losses(logits: Tensor, t: Targets, support: Tensor, label_smoothing: float,
+                 softcap: Optional[float] = None, z_loss: float = 0.0) -> Tensor:
+    """(B, N) fp32 loss of each position over its support mask (B, N, V); 0 where there is no target.
+    With ``z_loss`` each position adds z_loss · lse², lse over its support (PaLM's for MLE)."""
+    z = capped(logits, softcap).masked_fill(~support, float("-inf"))   # (B, N, V)
     logp = torch.log_softmax(z, dim=-1)                               # (B, N, V)
     safe = torch.where(t.target_mask, t.labels, 0)
     nll = -logp.gather(2, safe.unsqueeze(-1)).squeeze(-1)             # (B, N)
     if label_smoothing > 0:
         mean_nll = -logp.masked_fill(~support, 0.0).sum(-1) / support.sum(-1)
         nll = (1 - label_smoothing) * nll + label_smoothing * mean_nll
+    if z_loss:
+        nll = nll + z_loss * torch.logsumexp(z, dim=-1) ** 2
     return torch.where(t.target_mask, nll, torch.zeros_like(nll))
 
 
 def objective_token_losses(logits: Tensor, labels: Tensor, members: list[tuple[float, str, dict[str, Any]]], *,
-                           shift: bool, ignore_index: int, label_smoothing: float) -> Tensor:
+                           shift: bool, ignore_index: int, label_smoothing: float,
+                           position_ids: Optional[Tensor] = None, turns: bool = False,
+                           softcap: Optional[float] = None, z_loss: float = 0.0) -> Tensor:
     """(B, N) fp32: the weighted sum over ``members`` = [(weight, name, options)] of each member's
     token losses, on logits (B, N, V) and unshifted labels (B, N)."""
-    t = targets(labels, logits.shape[-1], shift, ignore_index)
+    t = targets(labels, logits.shape[-1], shift, ignore_index, position_ids, turns)
     total = torch.zeros(t.labels.shape, dtype=torch.float32, device=logits.device)
     for weight, name, options in members:
-        total = total + weight * token_losses(logits, t, MASKS[name](t, **options), label_smoothing)
+        support = MASKS[name](t, **options)
+        total = total + weight * token_losses(logits, t, support, label_smoothing, softcap, z_loss)
     return total
+
+
+def sampled_token_losses(logits: Tensor, labels: Tensor, negatives: Tensor, log_expected: Tensor, *, shift: bool,
+                         ignore_index: int, label_smoothing: float, log_q_correction: bool,
+                         remove_accidental_hits: bool) -> Tensor:
+    """(B, N) fp32 sampled-softmax losses on the full logits (B, N, V), for given draws: ``negatives``
+    (K,) shared or (T, K) per supervised position (row-major order), ``log_expected`` = log(K·q) of each.
+
+    The support of a position is its label once, with its logit as it is (it is always there, never
+    sampled), plus each drawn id as often as it was drawn, its logit lowered by log(K·q) with
+    ``log_q_correction``, and no draw of the label itself with ``remove_accidental_hits``:
+
+        loss = log( exp(z_y) + Σ_v c_v · exp(z_v - log(K q_v)) ) - z_y        (c_v = draws of v)
+    """
+    t = targets(labels, logits.shape[-1], shift, ignore_index)
+    z = logits.float()[t.target_mask]                                  # (T, V)
+    y = t.labels[t.target_mask]                                        # (T,)
+    T, V = z.shape
+    ids = negatives.expand(T, -1) if negatives.dim() == 1 else negatives            # (T, K)
+    lowering = log_expected.expand(T, -1) if log_expected.dim() == 1 else log_expected
+    counts = torch.zeros(T, V, device=z.device).scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    if remove_accidental_hits:
+        counts[torch.arange(T), y] = 0.0
+    z_neg = z                                                           # (T, V)
+    if log_q_correction:
+        z_neg = z - torch.zeros(T, V, device=z.device).scatter_(1, ids, lowering.float())
+    z_y = z.gather(1, y.unsqueeze(1)).squeeze(1)                        # (T,)
+    lse = torch.logsumexp(torch.cat([z_y.unsqueeze(1), z_neg + counts.log()], dim=1), dim=1)
+    nll = lse - z_y
+    if label_smoothing > 0:  # the mean over the support counts each draw
+        mean_nll = (nll + (counts * (lse.unsqueeze(1) - z_neg)).sum(1)) / (1 + counts.sum(1))
+        nll = (1 - label_smoothing) * nll + label_smoothing * mean_nll
+    out = torch.zeros(t.labels.shape, dtype=torch.float32, device=logits.device)
+    out[t.target_mask] = nll
+    return out

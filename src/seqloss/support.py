@@ -11,6 +11,12 @@ S(b, n) of vocabulary ids that always contains the label y. Two shapes of rule c
 
 Lists hold ids sorted and de-duplicated with -1 as padding, so that an id is never counted twice in
 a log-sum-exp. The label itself is *not* stored in a list: the loss adds it once per position.
+
+**Sequences.** Everything "per row" (SMILE's and reverse subsetting's token sets, the first
+supervised position) is per *sequence*: a batch row, or — with ``position_ids`` (Hugging Face's
+padding-free convention) — each packed example of a row, and with ``turns=True`` each maximal run
+of supervised positions (a conversation turn). When sequences are not rows, per-row lists are laid
+out per sequence, (S, 1, K), and :class:`Sequences` maps each position to its list.
 Both the efficient path and the tests build on these structures; the dense spec in
 ``reference.py`` builds its masks straight from the labels instead.
 """
@@ -47,18 +53,68 @@ class ListSupport:
 Support = Union[FullSupport, ListSupport]
 
 
+@dataclass(frozen=True)
+class Sequences:
+    """The sequences of a (B, N) batch when they are not its rows.
+
+    ``index`` (B, N) long gives each position's sequence in [0, count), non-decreasing in row-major
+    order (a sequence is a run of positions inside one row); ``row`` (count,) the row each lies in.
+    Under ``torch.compile`` ``count`` is the bound B·N (the true count would be read from the data);
+    the spare sequences are empty.
+    """
+
+    index: Tensor
+    count: int
+    row: Tensor
+
+
 # --- targets -----------------------------------------------------------------------------------
 
 
-def shift_labels(labels: Tensor, shift: bool, ignore_index: int) -> Tensor:
+def example_starts(position_ids: Tensor) -> Tensor:
+    """(B, N) bool: where a packed example starts — each row's start, and wherever ``position_ids`` do
+    not continue the previous position (+1): a restart at 0, or at a collator's ``position_ids_start``.
+    This is how transformers finds packed sequences for its attention masks."""
+    if not position_ids.shape[-1]:
+        return torch.zeros_like(position_ids, dtype=torch.bool)
+    continues = position_ids[..., 1:] == position_ids[..., :-1] + 1
+    return torch.cat([torch.ones_like(position_ids[..., :1], dtype=torch.bool), ~continues], dim=-1)
+
+
+def shift_labels(labels: Tensor, shift: bool, ignore_index: int, starts: Optional[Tensor] = None) -> Tensor:
     """Labels aligned with the logits positions that predict them.
 
     With ``shift=True`` position n is scored against ``labels[..., n + 1]`` and the last position
     has no target (Hugging Face's ``ForCausalLMLoss`` convention), so the result keeps shape N.
+    With packed examples (``starts`` from :func:`example_starts`), the last position of an example
+    has no target either: it never predicts the next example's first token.
     """
     if not shift:
         return labels
+    if starts is not None:
+        labels = torch.where(starts, torch.full_like(labels, ignore_index), labels)
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
+def sequences_of(target_mask: Tensor, starts: Optional[Tensor], turns: bool) -> Optional[Sequences]:
+    """The sequences of a batch of shifted targets (B, N): packed examples (``starts``), split further
+    into maximal runs of supervised positions with ``turns``; None when they are the rows."""
+    if starts is None and not turns:
+        return None
+    B, N = target_mask.shape
+    if starts is None:  # the rows' starts
+        starts = torch.zeros_like(target_mask)
+        starts[:, :1] = True
+    begins = starts
+    if turns:
+        before = torch.nn.functional.pad(target_mask[:, :-1], (1, 0), value=False)
+        begins = begins | (target_mask & ~before)
+    flat = begins.reshape(-1)
+    index = flat.long().cumsum(0) - 1                                   # ≥ 0: every row starts a sequence
+    count = B * N if torch.compiler.is_compiling() else int(flat.sum())
+    rows = torch.arange(B * N, device=flat.device) // max(N, 1)
+    row = torch.zeros(count, dtype=torch.long, device=flat.device).scatter_(0, index, rows)
+    return Sequences(index.view(B, N), count, row)
 
 
 def shift_candidates(candidates: Tensor, shift: bool) -> Tensor:
@@ -68,10 +124,18 @@ def shift_candidates(candidates: Tensor, shift: bool) -> Tensor:
     return torch.nn.functional.pad(candidates[:, 1:], (0, 0, 0, 1), value=PAD)
 
 
-def first_supervised(target_mask: Tensor) -> Tensor:
-    """(B, N) bool: True at the first position of each row that has a target."""
-    seen_before = target_mask.long().cumsum(dim=-1) - target_mask.long()
-    return target_mask & (seen_before == 0)
+def first_supervised(target_mask: Tensor, sequences: Optional[Sequences] = None) -> Tensor:
+    """(B, N) bool: True at the first position of each row (each sequence) that has a target."""
+    if sequences is None:
+        seen_before = target_mask.long().cumsum(dim=-1) - target_mask.long()
+        return target_mask & (seen_before == 0)
+    supervised = target_mask.reshape(-1).long()
+    seen_before = supervised.cumsum(0) - supervised                    # in row-major order
+    index = sequences.index.reshape(-1)
+    begins = torch.ones_like(index, dtype=torch.bool)
+    begins[1:] = index[1:] != index[:-1]
+    at_begin = torch.where(begins, seen_before, 0).cummax(0).values    # seen_before is non-decreasing
+    return target_mask & (seen_before == at_begin).view_as(target_mask)
 
 
 # --- candidate lists ---------------------------------------------------------------------------
@@ -102,9 +166,16 @@ def canonical_ids(ids: Tensor, drop: Optional[Tensor] = None) -> Tensor:
     return ids[..., :width].contiguous()
 
 
-def row_token_sets(labels: Tensor, target_mask: Tensor, drop: Optional[Tensor] = None) -> Tensor:
-    """(B, 1, K): the ids that occur as supervised labels in each row, minus ``drop``."""
+def row_token_sets(labels: Tensor, target_mask: Tensor, drop: Optional[Tensor] = None,
+                   sequences: Optional[Sequences] = None) -> Tensor:
+    """(B, 1, K): the ids that occur as supervised labels in each row, minus ``drop``; with
+    ``sequences``, (S, 1, K): those of each sequence."""
     ids = torch.where(target_mask, labels, torch.full_like(labels, PAD))
+    if sequences is not None:  # a sequence lies in one row: (its index, column) pairs are unique
+        B, N = labels.shape
+        columns = torch.arange(N, device=labels.device).expand(B, N)
+        laid_out = torch.full((sequences.count, N), PAD, dtype=ids.dtype, device=ids.device)
+        ids = laid_out.index_put_((sequences.index.reshape(-1), columns.reshape(-1)), ids.reshape(-1))
     return canonical_ids(ids, drop).unsqueeze(1)
 
 
@@ -131,6 +202,16 @@ class Targets:
     target_mask: Tensor  # (B, N) bool, True = has a target
     vocab_size: int
     shift: bool
+    sequences: Optional[Sequences] = None  # None: each row is one sequence
+
+    def per_sequence(self, lists: Tensor) -> Tensor:
+        """Per-row lists (B, 1, K) → one per sequence (S, 1, K)."""
+        return lists if self.sequences is None else lists[self.sequences.row]
+
+    @property
+    def list_rows(self) -> int:
+        """How many per-row (per-sequence) lists a support holds: B, or S."""
+        return self.labels.shape[0] if self.sequences is None else self.sequences.count
 
 
 def _exclude_tensor(exclude_ids: Sequence[int], device: torch.device) -> Tensor:
@@ -143,8 +224,8 @@ def mle_support(t: Targets) -> FullSupport:
 
 def smile_support(t: Targets, *, first_token_mle: bool = True, exclude_ids: Sequence[int] = ()) -> ListSupport:
     drop = _exclude_tensor(exclude_ids, t.labels.device)
-    full = first_supervised(t.target_mask) if first_token_mle else None
-    return ListSupport(row_token_sets(t.labels, t.target_mask, drop), full)
+    full = first_supervised(t.target_mask, t.sequences) if first_token_mle else None
+    return ListSupport(row_token_sets(t.labels, t.target_mask, drop, t.sequences), full)
 
 
 def random_subset_support(t: Targets, *, num_samples: int = 10, generator: Optional[torch.Generator] = None,
@@ -155,25 +236,24 @@ def random_subset_support(t: Targets, *, num_samples: int = 10, generator: Optio
 
 
 def reverse_subset_support(t: Targets, *, exclude_ids: Sequence[int] = ()) -> FullSupport:
-    in_row = row_token_sets(t.labels, t.target_mask)  # (B, 1, K)
+    in_row = row_token_sets(t.labels, t.target_mask, sequences=t.sequences)  # (B or S, 1, K)
     extra = _exclude_tensor(exclude_ids, t.labels.device).expand(in_row.shape[0], 1, -1)
     return FullSupport(canonical_ids(torch.cat([in_row, extra], dim=-1)))
 
 
 def selective_eos_support(t: Targets, *, eos_token_id: int) -> FullSupport:
     # The label is never excluded, so a position whose label is EOS keeps it automatically.
-    B = t.labels.shape[0]
-    return FullSupport(torch.full((B, 1, 1), eos_token_id, dtype=torch.long, device=t.labels.device))
+    return FullSupport(torch.full((t.list_rows, 1, 1), eos_token_id, dtype=torch.long, device=t.labels.device))
 
 
 def subset_support(t: Targets, *, include: Optional[Tensor] = None, exclude: Optional[Tensor] = None) -> Support:
     if include is not None:
         include = include.to(t.labels.device, torch.long)
-        if include.dim() == t.labels.dim():  # (B, K): one list per row
-            return ListSupport(canonical_ids(include).unsqueeze(1))
+        if include.dim() == t.labels.dim():  # (B, K): one list per row, shared by its sequences
+            return ListSupport(t.per_sequence(canonical_ids(include).unsqueeze(1)))
         return ListSupport(canonical_ids(shift_candidates(include, t.shift)))  # (B, N, K)
     assert exclude is not None  # validation asks for exactly one of include and exclude
-    return FullSupport(canonical_ids(exclude.to(t.labels.device, torch.long)).unsqueeze(1))
+    return FullSupport(t.per_sequence(canonical_ids(exclude.to(t.labels.device, torch.long)).unsqueeze(1)))
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._buffers import Grads
-from .plan import Plan
-from .rows import candidates, full_rows, list_rows
+from ._buffers import Grads, workspace
+from .plan import Plan, sequence_groups
+from .rows import candidates, cap_, full_rows, list_rows
 
 # Positions per chunk of the full-vocabulary pass: about this many fp32 logits (1 << 25 = 128 MiB),
 # but never fewer than MIN_CHUNK_POSITIONS positions, so that the chunk matmuls stay efficient and
@@ -70,29 +70,39 @@ def _full_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Pla
     V = weight.shape[0]
     flat = positions.flatten().nonzero().squeeze(1)
     chunk = max(1, min(flat.numel(), max(MIN_CHUNK_POSITIONS, FUSED_CHUNK_ELEMENTS // V)))
-    buffer = torch.empty(chunk * V, dtype=torch.float32, device=hidden.device)
+    buffer = workspace((chunk * V,), torch.float32, hidden.device)[0]  # kept for the next call: no page faults
     h_all = hidden.reshape(B * N, H)
     for start in range(0, flat.numel(), chunk):
         idx = flat[start:start + chunk]
         b, n = idx // N, idx % N
         h = h_all[idx]                                                 # (C, H)
         z = _logits(h, weight, bias, buffer)                           # (C, V) fp32
+        capped = None if plan.softcap is None else cap_(z, plan.softcap)
         y = plan.labels[b, n].unsqueeze(1)
-        ex = None if exclude is None else exclude[b, n if exclude.shape[1] > 1 else 0]
+        ex = None if exclude is None else exclude[b, n] if exclude.shape[1] > 1 else exclude[plan.list_of(b, n), 0]
         w = None if w_all is None else alpha * w_all[b, n].unsqueeze(1)
-        tok = full_rows(z, y, ex, plan.label_smoothing, w)             # z becomes dloss/dlogits
+        tok = full_rows(z, y, ex, plan.label_smoothing, w, plan.z_loss)  # z becomes dloss/dlogits
         loss.view(-1).index_add_(0, idx, alpha * tok.squeeze(1))
         if w is not None:
+            if capped is not None:
+                z.mul_(capped)                                         # through the cap: · (1 - tanh²)
             grads.add_dense(idx, z, h, weight)
 
 
 def _groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor, w_all: Optional[Tensor]):
-    """Positions grouped by the list they share: rows of the batch for (B, 1, K) lists, single
+    """Positions grouped by the list they share: rows of the batch for (B, 1, K) lists, the listed
+    positions of each sequence for (S, 1, K) lists (empty slots: position 0, not listed), single
     positions for (B, N, K) lists → ids (G, K), hidden (G, M, H), labels (G, M, 1), positions
     and weights (G, M), flat position index (G, M)."""
     B, N, H = hidden.shape
     index = torch.arange(B * N, device=hidden.device).reshape(B, N)
-    if ids.shape[1] == 1:
+    if ids.shape[1] == 1 and plan.sequence is not None:
+        slots = sequence_groups(plan.sequence, positions, ids.shape[0])  # (S, M), -1 = empty
+        flat = slots.clamp(min=0)
+        listed = positions.reshape(-1)[flat] & (slots >= 0)
+        parts = (ids[:, 0], hidden.reshape(B * N, H)[flat], plan.labels.reshape(-1)[flat].unsqueeze(-1), listed,
+                 None if w_all is None else w_all.reshape(-1)[flat] * listed, flat)
+    elif ids.shape[1] == 1:
         parts = (ids[:, 0], hidden, plan.labels.unsqueeze(-1), positions, w_all, index)
     else:
         parts = (ids.reshape(B * N, ids.shape[-1]), hidden.reshape(B * N, 1, H), plan.labels.reshape(B * N, 1, 1),
@@ -119,11 +129,14 @@ def _list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Pla
         z = torch.cat([torch.bmm(h, w_rows.transpose(1, 2)), (h * w_y).sum(-1, keepdim=True)], dim=-1)
         if bias is not None:
             z = z + bias[cand].float()
+        capped = None if plan.softcap is None else cap_(z, plan.softcap)
         w = None if w_g is None else alpha * w_g[sl].unsqueeze(-1)
-        tok, g = list_rows(z, valid, plan.label_smoothing, w)            # (g, M, 1), (g, M, K+1)
+        tok, g = list_rows(z, valid, plan.label_smoothing, w, plan.z_loss)  # (g, M, 1), (g, M, K+1)
         loss.view(-1).index_add_(0, flat.flatten(), alpha * tok.flatten())
         if g is None:
             continue
+        if capped is not None:
+            g = g * capped
         g_list, g_y = g[..., :K], g[..., K:]
         if grads.hidden is not None:
             dh = torch.baddbmm(g_y * w_y, g_list, w_rows)               # (g, M, H)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._buffers import zeros
 from .plan import Plan, mostly
-from .rows import candidates, full_rows, list_rows
+from .rows import candidates, cap_, full_rows, list_rows
 
 # Positions per chunk of the full-vocabulary pass: about this many logits, so that a chunk's fp32
 # copy stays in cache while it is masked, exponentiated, summed and turned into its gradient.
@@ -78,14 +78,17 @@ def _full_part(logits: Tensor, plan: Plan, alpha: float, exclude: Optional[Tenso
                  else flat_logits[rows].to(torch.float32, copy=True))  # (C, V)
         else:
             z = logits[b, n].float()
+        capped = None if plan.softcap is None else cap_(z, plan.softcap)
         y = plan.labels[b, n].unsqueeze(1)                             # (C, 1)
         on = positions[b, n].unsqueeze(1)                              # (C, 1)
-        ex = None if exclude is None else exclude[b, n if exclude.shape[1] > 1 else 0]  # (C, K)
+        ex = None if exclude is None else exclude[b, n] if exclude.shape[1] > 1 else exclude[plan.list_of(b, n), 0]
         w = None if grad is None else alpha * plan.coef[b, n].unsqueeze(1) * on
-        tok = full_rows(z, y, ex, eps, w)
+        tok = full_rows(z, y, ex, eps, w, plan.z_loss)
         loss.view(-1).index_add_(0, idx, alpha * torch.where(on, tok, 0.0).squeeze(1))
         if grad is None:
             continue
+        if capped is not None:
+            z.mul_(capped)                                             # through the cap: · (1 - tanh²)
         if not dense:
             grad.rows().index_add_(0, idx, z.to(grad.tensor.dtype))
         elif grad.fresh:
@@ -102,11 +105,16 @@ def _list_part(logits: Tensor, plan: Plan, alpha: float, ids: Tensor, positions:
     """Positions whose support is the label plus ``ids`` (B, 1 or N, K): gather, never O(V)."""
     B, N, V = logits.shape
     y = plan.labels.unsqueeze(-1)                                      # (B, N, 1)
-    cand, valid = candidates(ids.expand(B, N, ids.shape[-1]), y, positions)  # (B, N, K+1)
+    per_position = ids[:, 0][plan.sequence] if ids.shape[1] == 1 and plan.sequence is not None else ids
+    cand, valid = candidates(per_position.expand(B, N, ids.shape[-1]), y, positions)  # (B, N, K+1)
     w = None if grad is None else alpha * plan.coef.unsqueeze(-1)
-    tok, g = list_rows(logits.gather(2, cand).float(), valid, plan.label_smoothing, w)
+    z = logits.gather(2, cand).float()                                 # (B, N, K+1), a new tensor
+    capped = None if plan.softcap is None else cap_(z, plan.softcap)
+    tok, g = list_rows(z, valid, plan.label_smoothing, w, plan.z_loss)
     loss.add_(alpha * tok.squeeze(-1))
     if g is not None and grad is not None:
+        if capped is not None:
+            g = g * capped
         grad.tensor.scatter_add_(2, cand, g.to(grad.tensor.dtype))
 
 

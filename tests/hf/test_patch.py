@@ -164,9 +164,10 @@ def test_unsupported_models_are_refused_by_class_name():
 
 
 def test_fused_is_refused_when_the_head_output_is_transformed():
+    # Soft-capping is followed instead (tests/hf/test_softcap.py); scalings are refused.
     model = llama()
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    model.config.logit_scale = 0.5
+    with pytest.raises(ValueError, match="logit_scale"):
         seqloss.hf.patch(model, "mle", fused=True)
 
 

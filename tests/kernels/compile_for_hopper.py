@@ -19,7 +19,8 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "compiling needs Triton withou
 
 POINTERS = dict(rows_ptr="*i64", labels_ptr="*i64", brows_ptr="*i64", cols_ptr="*i64", bitmap_ptr="*i8",
                 max_ptr="*fp32", sum_ptr="*fp32", zsum_ptr="*fp32", size_ptr="*fp32", zy_ptr="*fp32",
-                coef_ptr="*fp32", lse_ptr="*fp32", gw_ptr="*fp32", gb_ptr="*fp32", eps="fp32")
+                coef_ptr="*fp32", lse_ptr="*fp32", gw_ptr="*fp32", gb_ptr="*fp32", pscale_ptr="*fp32", eps="fp32",
+                cap="fp32")
 
 
 def compile_variant(fn, dtype: str, fused: bool, constants: dict) -> None:
@@ -37,20 +38,20 @@ def main() -> None:
     dtype = "bf16"
     for fused, listed in itertools.product((True, False), (True, False)):
         blocks = dict(BLOCK_M=64, BLOCK_C=128, BLOCK_H=64) if fused else dict(BLOCK_M=4, BLOCK_C=2048, BLOCK_H=64)
-        common = dict(LIST=listed, EXCLUDE=not listed, FUSED=fused, HAS_BIAS=True, UPCAST=False, PRECISION="tf32",
-                      **blocks)
+        common = dict(LIST=listed, EXCLUDE=not listed, FUSED=fused, HAS_BIAS=True, SOFTCAP=listed, UPCAST=False,
+                      PRECISION="tf32", **blocks)
         compile_variant(kern._stats_kernel, dtype, fused, common)
         compile_variant(kern._grad_kernel, dtype, fused,
                         dict(common, STORE=not listed, GRAD_X=True, GRAD_W=fused, GRAD_B=fused,
                              FILTER=2.0 ** -12 if fused else 0.0))
     for fused in (True, False):
         compile_variant(kern._label_grad_kernel, dtype, fused,
-                        dict(FUSED=fused, GRAD_X=True, GRAD_W=fused, GRAD_B=fused, BLOCK_M=64 if fused else 4,
-                             BLOCK_H=64))
+                        dict(FUSED=fused, SOFTCAP=True, GRAD_X=True, GRAD_W=fused, GRAD_B=fused,
+                             BLOCK_M=64 if fused else 4, BLOCK_H=64))
     # fp32 inputs take IEEE-precision dots.
     compile_variant(kern._grad_kernel, "fp32", True,
-                    dict(LIST=True, EXCLUDE=False, FUSED=True, HAS_BIAS=False, UPCAST=False, PRECISION="ieee",
-                         STORE=False, GRAD_X=True, GRAD_W=True, GRAD_B=False, FILTER=0.0,
+                    dict(LIST=True, EXCLUDE=False, FUSED=True, HAS_BIAS=False, SOFTCAP=False, UPCAST=False,
+                         PRECISION="ieee", STORE=False, GRAD_X=True, GRAD_W=True, GRAD_B=False, FILTER=0.0,
                          BLOCK_M=16, BLOCK_C=128, BLOCK_H=64))
 
 

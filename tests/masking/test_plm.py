@@ -140,3 +140,15 @@ def test_infer_slot_is_hidden_and_predicted():
         column[:, slot[b]] = 1
         assert torch.equal(out.perm_mask[b], column)
     assert torch.equal(out.target_mapping, identity(3, 4))
+
+
+def test_a_kept_perm_mask_is_never_overwritten_by_the_next_call():
+    plm = scheme("plm")
+    item_ids = random_batch(16, 10, min_length=2)
+    first = plm(item_ids, "train", generator=generator(1)).perm_mask
+    kept = first.clone()
+    for seed in range(2, 6):  # later calls, some of them reusing freed memory
+        plm(item_ids, "train", generator=generator(seed))
+        second = plm(item_ids, "train", generator=generator(seed)).perm_mask
+        assert second.data_ptr() != first.data_ptr()
+    assert torch.equal(first, kept)

@@ -16,7 +16,15 @@ from .heads import linear_head
 CAUSAL, SEQ2SEQ, BLIP = "causal", "seq2seq", "blip"
 
 # Config attributes that transform the LM head's output: the fused path (hidden @ W.T) would differ.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# Soft-capping (Gemma 2/3's final_logit_softcapping) is not among them: the fused loss caps itself.
+_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+SOFTCAP = "final_logit_softcapping"
+
+
+def logit_softcap(model: Any) -> Any:
+    """The model's own logit soft-cap c (logits = c·tanh(z / c) after the head), or None."""
+    config = getattr(model, "config", None)
+    return getattr(config, SOFTCAP, None)
 
 
 def _calls_loss_function(cls: Any) -> bool:

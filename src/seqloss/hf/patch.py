@@ -7,16 +7,25 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable
+import sys
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
 
 from .. import functional
 from .._validate import check_call
 from ..functional import linear_loss
-from .families import BLIP, CAUSAL, SEQ2SEQ, check_fusable, family_of
+from .families import BLIP, CAUSAL, SEQ2SEQ, SOFTCAP, check_fusable, family_of, logit_softcap
 from .heads import linear_head, peft_base_model
 
 _STATE = "_seqloss_patch"
-_RESERVED = ("shift", "num_items_in_batch")  # set by each family's convention, never by the caller
+# Set by each family's convention or by the model call, never by the caller.
+_RESERVED = ("shift", "num_items_in_batch", "position_ids")
+BYPASS = ("TRL's SFTTrainer computes its own loss (a fused log-probability head) and never calls "
+          "model.loss_function, so a patched model would train plain NLL under it: build the trainer with "
+          "seqloss.hf.sft_trainer(objective, ..., model=..., args=..., train_dataset=...) instead")
 
 
 def _check_options(model: Any, objective: Any, options: dict[str, Any]) -> None:
@@ -26,6 +35,11 @@ def _check_options(model: Any, objective: Any, options: dict[str, Any]) -> None:
             raise TypeError(f"{key} is set by the model family's label convention; do not pass it to patch()")
     if options.get("reduction", "mean") not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' for a model's loss, got {options['reduction']!r}")
+    if options.get("return_stats"):
+        raise ValueError("return_stats is for direct calls: a model's loss must be a tensor")
+    if options.get("softcap") is not None and logit_softcap(model) is not None:
+        raise ValueError(f"{type(model).__name__} soft-caps its logits itself (config.{SOFTCAP}="
+                         f"{logit_softcap(model)}); do not pass softcap to patch() as well")
     owner = model.text_decoder if family_of(model) == BLIP else model
     check_call(objective, options, vocab_size=owner.get_output_embeddings().weight.shape[0])
 
@@ -37,18 +51,56 @@ def _replaced(out: Any, **changes: Any) -> Any:
     return type(out)(**{key: value for key, value in fields.items() if value is not None})
 
 
-def _causal_loss(objective: Any, options: dict[str, Any]) -> Callable:
-    """A drop-in for transformers' ``ForCausalLMLoss`` (same keywords)."""
+def packed_positions(position_ids: Optional[Tensor], cu_seq_lens: Optional[Tensor], labels: Tensor) -> Optional[Tensor]:
+    """The packed examples of a model call as ``position_ids`` shaped like ``labels``: the call's own
+    ``position_ids`` (a padding-free collator's), else the example boundaries ``cu_seq_lens_q`` that
+    ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` passes instead (cumulative lengths
+    over the flattened batch). None when the call has neither."""
+    if position_ids is not None:
+        return position_ids.to(labels.device).expand_as(labels)
+    if cu_seq_lens is None:
+        return None
+    index = torch.arange(labels.numel(), device=labels.device)
+    starts = cu_seq_lens.to(labels.device, dtype=torch.long)[:-1]
+    is_start = torch.zeros_like(index, dtype=torch.bool).index_fill(0, starts[starts < labels.numel()], True)
+    example_start = torch.where(is_start, index, 0).cummax(0).values
+    return (index - example_start).view_as(labels)                     # 0, 1, ... within each example
+
+
+def _causal_loss(objective: Any, options: dict[str, Any], position_ids: Optional[Tensor] = None) -> Callable:
+    """A drop-in for transformers' ``ForCausalLMLoss`` (same keywords), given the model call's
+    ``position_ids`` (packed examples), if any."""
 
     def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
-                      shift_labels=None, **_):
+                      shift_labels=None, cu_seq_lens_q=None, **_):
         shift = shift_labels is None
         targets = (labels if shift else shift_labels).to(logits.device)
+        packed = packed_positions(position_ids, cu_seq_lens_q, targets)
         return functional.objective_loss(logits, targets, objective, shift=shift,
                                          ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
-                                         **options)
+                                         position_ids=packed, **options)
 
     return loss_function
+
+
+def _causal_forward(model: Any, original: Callable, objective: Any, options: dict[str, Any]) -> Callable:
+    """The model's forward, with its loss function bound to the call's ``position_ids`` (which
+    transformers does not hand to ``loss_function``) for the length of the call."""
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        position_ids = kwargs.get("position_ids")
+        if kwargs.get("labels") is None or position_ids is None:
+            return original(*args, **kwargs)
+        # Set and put back through __dict__, as the fused forward does (torch.compile replays these).
+        previous = model.__dict__.get("_loss_function")
+        model.__dict__["_loss_function"] = _causal_loss(objective, options, position_ids)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            model.__dict__["_loss_function"] = previous
+
+    return forward
 
 
 def _pass_through(hidden: Any) -> Any:
@@ -60,30 +112,40 @@ def _fused_causal_forward(model: Any, original: Callable, objective: Any, option
     the head's weight (seen through PEFT wrappers, see ``heads.py``; the head is looked up at each call,
     so an adapter added after ``patch`` counts)."""
     where = f"{type(model).__name__}.get_output_embeddings()"
+    # A model that soft-caps its logits (Gemma 2/3) would cap the hidden states the bypassed head
+    # passes through: its cap is switched off for the call and applied inside the fused loss instead.
+    softcap = logit_softcap(model)
+    loss_options = options if softcap is None else {**options, "softcap": float(softcap)}
 
     @functools.wraps(original)
     def forward(*args, labels=None, **kwargs):
         if labels is None:
             return original(*args, **kwargs)
+        position_ids = kwargs.get("position_ids")
         head = model.get_output_embeddings()
         head_parts = linear_head(head, where)
 
         def fused_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
-                       shift_labels=None, **_):
+                       shift_labels=None, cu_seq_lens_q=None, **_):
             hidden, weight, bias = head_parts(logits)  # the bypassed head passed its input through
             shift = shift_labels is None
             targets = (labels if shift else shift_labels).to(hidden.device)
             return linear_loss(hidden, weight, targets, bias=bias, objective=objective, shift=shift,
-                               ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, **options)
+                               ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
+                               position_ids=packed_positions(position_ids, cu_seq_lens_q, targets), **loss_options)
 
         # Instance attributes set and removed through __dict__ (what nn.Module's setattr does for
         # functions): torch.compile replays these; a `del module.attr` after a set it fails to replay.
         previous = model.__dict__.get("_loss_function")
         head.__dict__["forward"] = _pass_through
         model.__dict__["_loss_function"] = fused_loss   # what transformers' loss_function setter stores
+        if softcap is not None:
+            setattr(model.config, SOFTCAP, None)
         try:
             out = original(*args, labels=labels, **kwargs)
         finally:
+            if softcap is not None:
+                setattr(model.config, SOFTCAP, softcap)
             head.__dict__.pop("forward", None)
             if previous is None:
                 model.__dict__.pop("_loss_function", None)
@@ -166,7 +228,10 @@ def patch(model: Any, objective: Any = "smile", fused: bool = False, **options: 
     outputs then carry ``logits=None`` (tuples keep their layout: ``(loss, None, ...)``). A PEFT
     model (``get_peft_model``) is patched through its base model, before or after wrapping; with an
     adapter on the LM head, ``fused=True`` computes the adapted head exactly (LoRA, modules_to_save)
-    or refuses with a ValueError. Returns ``model`` as passed; :func:`unpatch` undoes it.
+    or refuses with a ValueError. Causal LMs hand the call's ``position_ids`` (or the
+    ``cu_seq_lens_q`` of a flattening collator) to the loss, so packed examples are scored apart.
+    TRL's ``SFTTrainer`` never calls the patched loss: a UserWarning says so when TRL is in use
+    (train with :func:`seqloss.hf.sft_trainer`). Returns ``model`` as passed; :func:`unpatch` undoes it.
     """
     if not isinstance(fused, bool):
         raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
@@ -176,15 +241,22 @@ def patch(model: Any, objective: Any = "smile", fused: bool = False, **options: 
         check_fusable(model, family)
     _check_options(model, objective, options)
     unpatch(model)
+    # A forward already set on the instance (TRL's fused log-probability head) stays underneath ours.
+    previous_forward = model.__dict__.get("forward")
+    if family in (CAUSAL, SEQ2SEQ):
+        original = previous_forward or type(model).forward.__get__(model)
     if family == CAUSAL and not fused:
         previous = model.__dict__.get("_loss_function")
         model.loss_function = _causal_loss(objective, options)
-        restore = functools.partial(_restore_attribute, model, "_loss_function", previous)
+        model.forward = _by_keyword(original, _causal_forward(model, original, objective, options))
+
+        def restore() -> None:
+            _restore_attribute(model, "_loss_function", previous)
+            _restore_attribute(model, "forward", previous_forward)
     elif family in (CAUSAL, SEQ2SEQ):
         make = _fused_causal_forward if fused else _seq2seq_forward
-        original = type(model).forward.__get__(model)
         model.forward = _by_keyword(original, make(model, original, objective, options))
-        restore = functools.partial(_restore_attribute, model, "forward", None)
+        restore = functools.partial(_restore_attribute, model, "forward", previous_forward)
     else:
         decoder = model.text_decoder
         original = type(decoder).forward.__get__(decoder)
@@ -192,7 +264,17 @@ def patch(model: Any, objective: Any = "smile", fused: bool = False, **options: 
         restore = functools.partial(_restore_attribute, decoder, "forward", None)
     setattr(model, _STATE, dict(family=family, objective=objective, fused=fused, options=dict(options),
                                 restore=restore))
+    if family == CAUSAL:
+        _warn_if_a_trainer_bypasses(previous_forward)
     return wrapper
+
+
+def _warn_if_a_trainer_bypasses(previous_forward: Any) -> None:
+    """TRL's SFTTrainer never calls ``model.loss_function``: say so when TRL is in use (imported, or
+    its fused head already on the model), with what to call instead."""
+    from_trl = getattr(getattr(previous_forward, "__func__", previous_forward), "__module__", "") or ""
+    if from_trl.startswith("trl") or "trl" in sys.modules:
+        warnings.warn(BYPASS, UserWarning, stacklevel=3)
 
 
 def _restore_attribute(owner: Any, name: str, previous: Any) -> None:

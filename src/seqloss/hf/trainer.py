@@ -13,7 +13,9 @@ def compute_loss_func(objective: Any = "smile", *, shift: bool = True, **options
     The Trainer pops ``labels`` from the batch, runs the model without them and hands its outputs
     here, with ``num_items_in_batch`` = the supervised tokens of the whole accumulated batch, so
     that gradient accumulation over micro-batches equals one big batch. ``shift=True`` is the
-    causal-LM convention; pass ``shift=False`` for seq2seq models (T5, BART).
+    causal-LM convention; pass ``shift=False`` for seq2seq models (T5, BART). The Trainer hands it no
+    inputs, so packed batches (``position_ids``) cannot reach it: train those with :func:`patch`, and
+    TRL's ``SFTTrainer`` with :func:`seqloss.hf.sft_trainer`.
     """
     check_call(objective, {"shift": shift, **options})
 

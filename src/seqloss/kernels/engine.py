@@ -30,6 +30,11 @@ class Source:
     vocab_size: int
     weight: Optional[Tensor] = None
     bias: Optional[Tensor] = None
+    softcap: Optional[float] = None  # tile logits are capped in the kernels
+
+    @property
+    def cap(self) -> float:
+        return 1.0 if self.softcap is None else float(self.softcap)
 
     @property
     def fused(self) -> bool:
@@ -44,8 +49,8 @@ class Source:
 
     def flags(self) -> dict:
         dtype = self.x.dtype
-        return dict(FUSED=self.fused, HAS_BIAS=self.bias is not None, UPCAST=interpreting(),
-                    PRECISION="ieee" if dtype == torch.float32 else "tf32")
+        return dict(FUSED=self.fused, HAS_BIAS=self.bias is not None, SOFTCAP=self.softcap is not None,
+                    UPCAST=interpreting(), PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
     def pointers(self) -> tuple[Tensor, Tensor, Tensor, int, int]:
         w = self.x if self.weight is None else self.weight
@@ -75,7 +80,7 @@ def statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor) -> tuple
     x, w, b, H, stride_w = src.pointers()
     kern._stats_kernel[(G * triton.cdiv(M, blocks.m), splits)](
         x, w, b, part.rows, labels, brows, cols, bitmap, out[0], out[1], out[2], out[3], z_y,
-        M, C, src.vocab_size, H, P, x.stride(0), stride_w, per_split,
+        M, C, src.vocab_size, H, P, x.stride(0), stride_w, per_split, src.cap,
         LIST=part.cols is not None, EXCLUDE=part.bitmap is not None, **src.flags(),
         BLOCK_M=blocks.m, BLOCK_C=blocks.c, BLOCK_H=blocks.h)
     lse, zsum, size = combine(out)
@@ -83,32 +88,35 @@ def statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor) -> tuple
 
 
 def gradients(src: Source, part: Part, blocks: Blocks, labels: Tensor, coef: Tensor, lse: Tensor, size: Tensor,
-              z_y: Tensor, eps: float, gx: Optional[Tensor], gw: Optional[Tensor], gb: Optional[Tensor],
-              store: bool) -> None:
+              z_y: Tensor, pscale: Tensor, eps: float, gx: Optional[Tensor], gw: Optional[Tensor],
+              gb: Optional[Tensor], store: bool) -> None:
     """Add (or, with ``store``, write) the gradient of Σ coef·loss over a part's slots into the
-    logits' gradient ``gx`` (logits path) or into the hidden/weight/bias gradients (fused)."""
+    logits' gradient ``gx`` (logits path) or into the hidden/weight/bias gradients (fused);
+    ``pscale`` (P,) multiplies each slot's softmax term (the z-loss)."""
     G, M, C, cols, brows, bitmap = _layout(part, src)
     x, w, b, H, stride_w = src.pointers()
     spare = coef  # stands in for a gradient that is not wanted (never written: its flag is off)
     gx_, gw_, gb_ = (spare if t is None else t for t in (gx, gw, gb))
     wanted = dict(GRAD_X=gx is not None, GRAD_W=gw is not None, GRAD_B=gb is not None)
     kern._grad_kernel[(G * triton.cdiv(M, blocks.m), triton.cdiv(C, blocks.c))](
-        x, w, b, part.rows, labels, brows, cols, bitmap, coef, lse, size, eps, gx_, gw_, gb_,
-        M, C, src.vocab_size, H, x.stride(0), stride_w, gx_.stride(0), gw_.stride(0),
+        x, w, b, part.rows, labels, brows, cols, bitmap, coef, lse, size, pscale, eps, gx_, gw_, gb_,
+        M, C, src.vocab_size, H, x.stride(0), stride_w, gx_.stride(0), gw_.stride(0), src.cap,
         LIST=part.cols is not None, EXCLUDE=part.bitmap is not None, **src.flags(), STORE=store, **wanted,
         FILTER=src.filter,
         BLOCK_M=blocks.m, BLOCK_C=blocks.c, BLOCK_H=blocks.h)
     P = G * M
     kern._label_grad_kernel[(triton.cdiv(P, blocks.m),)](
-        x, w, part.rows, labels, coef, lse, size, z_y, eps, gx_, gw_, gb_,
-        P, H, x.stride(0), stride_w, gx_.stride(0), gw_.stride(0),
-        FUSED=src.fused, **wanted, BLOCK_M=blocks.m, BLOCK_H=blocks.h)
+        x, w, part.rows, labels, coef, lse, size, z_y, pscale, eps, gx_, gw_, gb_,
+        P, H, x.stride(0), stride_w, gx_.stride(0), gw_.stride(0), src.cap,
+        FUSED=src.fused, SOFTCAP=src.softcap is not None, **wanted, BLOCK_M=blocks.m, BLOCK_H=blocks.h)
 
 
-def _add_losses(loss: Tensor, part: Part, alpha: float, eps: float,
+def _add_losses(loss: Tensor, part: Part, alpha: float, eps: float, z_loss: float,
                 lse: Tensor, zsum: Tensor, size: Tensor, z_y: Tensor) -> None:
-    """loss (B·N,) += alpha · (lse - (1-ε)·z_y - ε·mean z) at the part's scored slots."""
+    """loss (B·N,) += alpha · (lse - (1-ε)·z_y - ε·mean z + ζ·lse²) at the part's scored slots."""
     tok = lse - z_y if not eps else lse - (1 - eps) * z_y - eps * zsum / size
+    if z_loss:
+        tok = tok + z_loss * lse * lse
     on = slot_values(part, part.positions)
     loss.index_add_(0, part.slots[on], alpha * tok[on])
 
@@ -125,10 +133,11 @@ def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights
         C = src.vocab_size if part.cols is None else part.cols.shape[1]
         blocks = blocks_for(part, C, src.fused, src.x.device)
         lse, zsum, size, z_y = statistics(src, part, blocks, labels)
-        _add_losses(loss, part, alpha, eps, lse, zsum, size, z_y)
+        _add_losses(loss, part, alpha, eps, plan.z_loss, lse, zsum, size, z_y)
         if weights is not None:
             coef = alpha * slot_values(part, weights * part.positions).float().contiguous()
-            gradients(src, part, blocks, labels, coef, lse, size, z_y, eps, gx, gw, gb,
+            pscale = (1 + 2 * plan.z_loss * lse).contiguous()  # d(ζ·lse²)/dz = 2ζ·lse·p
+            gradients(src, part, blocks, labels, coef, lse, size, z_y, pscale, eps, gx, gw, gb,
                       store=i == 0 and part.covers_all)
 
 
@@ -143,7 +152,7 @@ def logits_forward(logits: Tensor, plan: Plan, need_grad: bool) -> tuple[Tensor,
     grad = None
     if need_grad:  # a first part covering every position writes every row: no zeroing needed
         grad = torch.empty_like(x) if parts and parts[0][1].covers_all else torch.zeros_like(x)
-    _run_parts(Source(x, V), plan, parts, plan.coef if need_grad else None, loss, gx=grad)
+    _run_parts(Source(x, V, softcap=plan.softcap), plan, parts, plan.coef if need_grad else None, loss, gx=grad)
     return loss.view(B, N), (grad.view(B, N, V) if grad is not None else None)
 
 
@@ -156,7 +165,7 @@ def linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan:
     if grads.want_weight:  # the kernels add into it from the start
         grads.weight_buffer(hidden.device)
     src = Source(hidden.reshape(B * N, H).contiguous(), V, weight.contiguous(),
-                 None if bias is None else bias.contiguous())
+                 None if bias is None else bias.contiguous(), plan.softcap)
     loss = torch.zeros(B * N, dtype=torch.float32, device=hidden.device)
     _run_parts(src, plan, list(parts_of(plan, V, cover_first=False)), w_all, loss,
                gx=grads.hidden, gw=grads.weight, gb=grads.bias)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..plan import Plan, mostly
+from ..plan import Plan, mostly, sequence_groups
 
 
 @dataclass
@@ -78,24 +78,32 @@ def _bitmap(exclude: Tensor, vocab_size: int) -> Tensor:
     return (counts > 0).to(torch.int8)
 
 
-def full_part(exclude: Optional[Tensor], positions: Tensor, vocab_size: int, cover_all: bool) -> Part:
+def full_part(exclude: Optional[Tensor], positions: Tensor, vocab_size: int, cover_all: bool,
+              sequence: Optional[Tensor] = None) -> Part:
     """Positions (B, N) bool scoring every id but ``exclude``; with ``cover_all`` (and most positions
-    set) every position becomes a slot, so that the launch writes every row of a fresh gradient."""
+    set) every position becomes a slot, so that the launch writes every row of a fresh gradient.
+    ``sequence`` (B, N): the list of each position in (S, 1, K) exclusions (see ``Plan.sequence``)."""
     B, N = positions.shape
     every = cover_all and mostly(positions)
     flat = torch.arange(B * N, device=positions.device) if every else positions.reshape(-1).nonzero().squeeze(1)
     part = Part(flat.unsqueeze(0), positions, covers_all=every)
     if exclude is not None:
         part.bitmap = _bitmap(exclude, vocab_size)
-        part.brows = part.rows // N if exclude.shape[1] == 1 else part.rows
+        if exclude.shape[1] > 1:
+            part.brows = part.rows
+        else:
+            part.brows = part.rows // N if sequence is None else sequence.reshape(-1)[part.rows]
     return part
 
 
-def list_part(ids: Tensor, positions: Tensor) -> Part:
-    """Positions (B, N) bool scoring their label plus ``ids`` (B, 1 or N, K)."""
+def list_part(ids: Tensor, positions: Tensor, sequence: Optional[Tensor] = None) -> Part:
+    """Positions (B, N) bool scoring their label plus ``ids`` (B, 1 or N, K), or (S, 1, K) lists of
+    the sequences ``sequence`` (B, N) maps positions to."""
     B, N = positions.shape
     flat = torch.arange(B * N, device=positions.device).reshape(B, N)
     rows = torch.where(positions, flat, -1)
+    if ids.shape[1] == 1 and sequence is not None:
+        return Part(sequence_groups(sequence, positions, ids.shape[0]), positions, cols=ids[:, 0].contiguous())
     if ids.shape[1] == 1:
         return Part(rows, positions, cols=ids[:, 0].contiguous())
     return Part(rows.reshape(B * N, 1), positions, cols=ids.reshape(B * N, ids.shape[-1]).contiguous())
@@ -106,9 +114,10 @@ def parts_of(plan: Plan, vocab_size: int, cover_first: bool) -> Iterator[tuple[f
     cover every position (see :func:`full_part`)."""
     for i, part in enumerate(plan.parts):
         if part.ids is None:
-            yield part.alpha, full_part(part.exclude, part.positions, vocab_size, cover_first and i == 0)
+            yield part.alpha, full_part(part.exclude, part.positions, vocab_size, cover_first and i == 0,
+                                        plan.sequence)
         else:
-            yield part.alpha, list_part(part.ids, part.positions)
+            yield part.alpha, list_part(part.ids, part.positions, plan.sequence)
 
 
 def combine(stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -14,7 +14,9 @@ so a label is counted once whatever the lists hold.
 * ``_label_grad_kernel`` — the label's own gradient term, per slot.
 
 All math is fp32 whatever the input dtype. ``UPCAST`` (set under ``TRITON_INTERPRET=1``) feeds
-``tl.dot`` fp32 operands: the interpreter mis-computes low-precision dots.
+``tl.dot`` fp32 operands: the interpreter mis-computes low-precision dots. ``SOFTCAP`` caps each
+tile logit to cap·tanh(z / cap) as it is read or made, and the gradient passes multiply by the
+cap's derivative; each slot's ``pscale`` multiplies its softmax term (1 + 2ζ·lse under a z-loss ζ).
 """
 from __future__ import annotations
 
@@ -31,6 +33,12 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _cap(z, cap):
+    """cap·tanh(z / cap), written with a sigmoid (tanh = 2σ(2x) - 1)."""
+    return cap * (2.0 * tl.sigmoid(2.0 * z / cap) - 1.0)
 
 
 @triton.jit
@@ -69,9 +77,9 @@ def _columns(cols_ptr, bitmap_ptr, g, c0, C, V, row, y, brow,
 
 
 @triton.jit
-def _tile(x_ptr, w_ptr, b_ptr, row, col, valid, H, stride_x, stride_w,
-          FUSED: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+def _tile(x_ptr, w_ptr, b_ptr, row, col, valid, H, stride_x, stride_w, cap,
+          FUSED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
     """fp32 logits of a (slots × columns) tile, -inf where a column does not count."""
     if FUSED:
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -85,15 +93,20 @@ def _tile(x_ptr, w_ptr, b_ptr, row, col, valid, H, stride_x, stride_w,
         if HAS_BIAS:
             acc += tl.load(b_ptr + col, mask=col >= 0, other=0.0).to(tl.float32)[None, :]
         z = acc
+        if SOFTCAP:
+            z = _cap(z, cap)
     else:
         z = tl.load(x_ptr + row[:, None].to(tl.int64) * stride_x + col[None, :], mask=valid, other=0.0)
         z = z.to(tl.float32)
+        if SOFTCAP:
+            z = _cap(z, cap)
     return tl.where(valid, z, float("-inf"))
 
 
 @triton.jit
-def _label_logit(x_ptr, w_ptr, b_ptr, row, y, H, stride_x, stride_w,
-                 FUSED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def _label_logit(x_ptr, w_ptr, b_ptr, row, y, H, stride_x, stride_w, cap,
+                 FUSED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_H: tl.constexpr):
     """fp32 logit of each slot's label (0 for empty slots)."""
     ok = row >= 0
     if FUSED:
@@ -106,22 +119,28 @@ def _label_logit(x_ptr, w_ptr, b_ptr, row, y, H, stride_x, stride_w,
             acc += tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1)
         if HAS_BIAS:
             acc += tl.load(b_ptr + y, mask=ok, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            acc = _cap(acc, cap)
         return acc
-    return tl.load(x_ptr + row.to(tl.int64) * stride_x + y, mask=ok, other=0.0).to(tl.float32)
+    z_y = tl.load(x_ptr + row.to(tl.int64) * stride_x + y, mask=ok, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        z_y = _cap(z_y, cap)
+    return z_y
 
 
 @triton.jit
 def _stats_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr, bitmap_ptr,
                   max_ptr, sum_ptr, zsum_ptr, size_ptr, zy_ptr,
-                  M, C, V, H, P, stride_x, stride_w, blocks_per_split,
+                  M, C, V, H, P, stride_x, stride_w, blocks_per_split, cap,
                   LIST: tl.constexpr, EXCLUDE: tl.constexpr, FUSED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                  SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
     """Per slot and split: running max, Σ exp(z - max), Σ z and the count over the split's columns;
     split 0 also counts the label (and stores its logit)."""
     split = tl.program_id(1)
     g, in_group, slot, row, y, brow = _slots(rows_ptr, labels_ptr, brows_ptr, M, EXCLUDE, BLOCK_M)
-    z_y = _label_logit(x_ptr, w_ptr, b_ptr, row, y, H, stride_x, stride_w, FUSED, HAS_BIAS, BLOCK_M, BLOCK_H)
+    z_y = _label_logit(x_ptr, w_ptr, b_ptr, row, y, H, stride_x, stride_w, cap, FUSED, HAS_BIAS, SOFTCAP, BLOCK_M,
+                       BLOCK_H)
     first = (split == 0).to(tl.float32)
     m = tl.where(split == 0, z_y, NEG)
     s = tl.zeros((BLOCK_M,), dtype=tl.float32) + first
@@ -131,8 +150,8 @@ def _stats_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr
     c_end = tl.minimum(C, c_start + blocks_per_split * BLOCK_C)
     for c0 in range(c_start, c_end, BLOCK_C):
         col, valid = _columns(cols_ptr, bitmap_ptr, g, c0, C, V, row, y, brow, LIST, EXCLUDE, BLOCK_C)
-        z = _tile(x_ptr, w_ptr, b_ptr, row, col, valid, H, stride_x, stride_w,
-                  FUSED, HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_C, BLOCK_H)
+        z = _tile(x_ptr, w_ptr, b_ptr, row, col, valid, H, stride_x, stride_w, cap,
+                  FUSED, HAS_BIAS, SOFTCAP, UPCAST, PRECISION, BLOCK_M, BLOCK_C, BLOCK_H)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         zsum += tl.sum(tl.where(valid, z, 0.0), axis=1)
@@ -149,10 +168,10 @@ def _stats_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr
 
 @triton.jit
 def _grad_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr, bitmap_ptr,
-                 coef_ptr, lse_ptr, size_ptr, eps, gx_ptr, gw_ptr, gb_ptr,
-                 M, C, V, H, stride_x, stride_w, stride_gx, stride_gw,
+                 coef_ptr, lse_ptr, size_ptr, pscale_ptr, eps, gx_ptr, gw_ptr, gb_ptr,
+                 M, C, V, H, stride_x, stride_w, stride_gx, stride_gw, cap,
                  LIST: tl.constexpr, EXCLUDE: tl.constexpr, FUSED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 STORE: tl.constexpr, GRAD_X: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr,
+                 SOFTCAP: tl.constexpr, STORE: tl.constexpr, GRAD_X: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, FILTER: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
     """w·(softmax - ε/|S|) on a tile's columns (0 elsewhere): stored into / added to the logits'
@@ -163,11 +182,15 @@ def _grad_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr,
     coef = tl.load(coef_ptr + slot, mask=in_group, other=0.0)
     lse = tl.load(lse_ptr + slot, mask=in_group, other=0.0)
     size = tl.load(size_ptr + slot, mask=in_group, other=1.0)
+    pscale = tl.load(pscale_ptr + slot, mask=in_group, other=1.0)
     col, valid = _columns(cols_ptr, bitmap_ptr, g, cb * BLOCK_C, C, V, row, y, brow, LIST, EXCLUDE, BLOCK_C)
-    z = _tile(x_ptr, w_ptr, b_ptr, row, col, valid, H, stride_x, stride_w,
-              FUSED, HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_C, BLOCK_H)
-    pv = tl.where(valid, tl.exp(z - lse[:, None]) - eps / size[:, None], 0.0)
+    z = _tile(x_ptr, w_ptr, b_ptr, row, col, valid, H, stride_x, stride_w, cap,
+              FUSED, HAS_BIAS, SOFTCAP, UPCAST, PRECISION, BLOCK_M, BLOCK_C, BLOCK_H)
+    pv = tl.where(valid, tl.exp(z - lse[:, None]) * pscale[:, None] - eps / size[:, None], 0.0)
     gz = coef[:, None] * pv
+    if SOFTCAP:  # through the cap: d(cap·tanh(x / cap))/dx = 1 - (capped / cap)²
+        t = tl.where(valid, z / cap, 0.0)
+        gz = gz * (1.0 - t * t)
     if FUSED:
         if tl.max(tl.max(tl.abs(pv), axis=1), axis=0) >= FILTER:
             _add_tile_gradients(x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr, gz, row, col, H, stride_x, stride_w,
@@ -213,10 +236,10 @@ def _add_tile_gradients(x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr, gz, row, col, H, s
 
 
 @triton.jit
-def _label_grad_kernel(x_ptr, w_ptr, rows_ptr, labels_ptr, coef_ptr, lse_ptr, size_ptr, zy_ptr, eps,
-                       gx_ptr, gw_ptr, gb_ptr, P, H, stride_x, stride_w, stride_gx, stride_gw,
-                       FUSED: tl.constexpr, GRAD_X: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def _label_grad_kernel(x_ptr, w_ptr, rows_ptr, labels_ptr, coef_ptr, lse_ptr, size_ptr, zy_ptr, pscale_ptr, eps,
+                       gx_ptr, gw_ptr, gb_ptr, P, H, stride_x, stride_w, stride_gx, stride_gw, cap,
+                       FUSED: tl.constexpr, SOFTCAP: tl.constexpr, GRAD_X: tl.constexpr, GRAD_W: tl.constexpr,
+                       GRAD_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     """The label's term w·(p_y - ε/|S| - (1 - ε)) of each slot, added after ``_grad_kernel``."""
     slot = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row = tl.load(rows_ptr + slot, mask=slot < P, other=-1)
@@ -226,7 +249,10 @@ def _label_grad_kernel(x_ptr, w_ptr, rows_ptr, labels_ptr, coef_ptr, lse_ptr, si
     lse = tl.load(lse_ptr + slot, mask=ok, other=0.0)
     size = tl.load(size_ptr + slot, mask=ok, other=1.0)
     z_y = tl.load(zy_ptr + slot, mask=ok, other=0.0)
-    g_y = coef * (tl.exp(z_y - lse) - eps / size - (1.0 - eps))
+    pscale = tl.load(pscale_ptr + slot, mask=ok, other=1.0)
+    g_y = coef * (tl.exp(z_y - lse) * pscale - eps / size - (1.0 - eps))
+    if SOFTCAP:
+        g_y = g_y * (1.0 - (z_y / cap) * (z_y / cap))
     if FUSED:
         for h0 in range(0, H, BLOCK_H):
             hh = h0 + tl.arange(0, BLOCK_H)

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._buffers import workspace
 from .common import (
     MaskingOutput,
     MaskingScheme,
@@ -66,14 +67,21 @@ def permutation_mask(query: Tensor, order: Tensor) -> Tensor:
     prediction sees neither itself nor later predictions (nor one with the same key), every other
     position sees no prediction, and non-predictions are visible to all.
     """
-    # Built in float32, with no bool intermediate to convert: with integer keys, the difference
-    # d = column_key[j] - row_key[i] is >= 1 exactly where i may not attend to j, so clamping d to
-    # [0, 1] is the mask. Rows of non-predictions take key -1 (before every prediction: d >= 2 at
-    # each prediction column); columns of non-predictions take -1 too (d <= 0: visible to all).
+    # One pass writing float32, with no bool intermediate to convert: with integer keys,
+    # column_key[j] > row_key[i] exactly where i may not attend to j, and the comparison writes its
+    # 0/1 straight into a float32 output (the output is the only (B, L, L) memory touched). Rows of
+    # non-predictions take key -1 (before every prediction: column keys are >= 1 there); columns of
+    # non-predictions take -1 too (never greater: visible to all).
     rank = order.to(torch.float32)
     row_key = torch.where(query, rank, -1.0)
     column_key = torch.where(query, rank + 1, -1.0)
-    return (column_key.unsqueeze(1) - row_key.unsqueeze(2)).clamp_(0, 1)
+    B, L = query.shape
+    # The output is most of the call's memory (5 MiB at B=512, L=50) and, freshly allocated after
+    # other work has freed memory (a training step, a collator's previous batch), its first-touch
+    # page faults cost several times the comparison itself. So on CPU it comes from a kept map,
+    # reused once no tensor of a previous call holds it (never overwritten while in use).
+    out, _ = workspace((B, L, L), torch.float32, query.device)
+    return torch.gt(column_key.unsqueeze(1), row_key.unsqueeze(2), out=out)
 
 
 def identity_mapping(batch_size: int, length: int, device: torch.device) -> Tensor:
@@ -133,12 +141,15 @@ class PermutationLM(MaskingScheme):
         else:
             spans = sample_spans(lengths, L, self.probability, self.max_span_length, generator)
             target_mask = some_but_not_all(spans, lengths, generator)
-        # I.i.d. integer keys order the positions uniformly at random without a sort (a sort would
-        # take a third of the call). Keys stay below 2^24, so float32 holds them and their
+        # I.i.d. integer keys order the targets uniformly at random without a sort (a sort would
+        # take a third of the call); only targets need one, so only they draw (a sixth of the
+        # positions at the default rate). Keys stay below 2^24, so float32 holds them and their
         # differences exactly (see permutation_mask); two targets draw the same key with
         # probability below T^2 / 2^25 per row, and are then predicted as one step, each hidden
         # from the other: a weaker order, never a leak.
-        order = torch.randint(2**24, (B, L), generator=generator, device=item_ids.device, dtype=torch.float32)
+        keys = torch.randint(2**24, (int(target_mask.count_nonzero()),), generator=generator,
+                             device=item_ids.device, dtype=torch.float32)
+        order = torch.zeros((B, L), device=item_ids.device).masked_scatter_(target_mask, keys)
         return self._output(item_ids, target_mask, order)
 
     def _eval(self, item_ids: Tensor, lengths: Tensor, generator: Optional[torch.Generator]) -> MaskingOutput:

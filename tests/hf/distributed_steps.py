@@ -1,0 +1,101 @@
+"""A few optimiser steps of a GPT-2 patched with ``seqloss.hf.patch(model, "smile", fused=True)``, in one
+process or sharded across several: run by ``tests/hf/test_distributed.py``, not collected by pytest.
+
+    python -m tests.hf.distributed_steps --mode single --out one.pt
+    python -m torch.distributed.run --nproc_per_node 2 -m tests.hf.distributed_steps --mode fsdp --out two.pt
+
+The global batch is the same in every mode; each of W processes takes every W-th row. Every row has
+the same number of supervised tokens (a masked prompt, completion-only style), so the mean of the
+processes' mean losses, which FSDP and DDP train (their gradients are averaged), is the global mean.
+Rank 0 writes the losses of every step and the final full parameters to ``--out``; the single
+process also writes the SMILE loss of the initial model computed on its logits by
+``seqloss.smile_loss``, the loss the first step must report.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.distributed as dist
+
+import seqloss
+import seqloss.hf
+from tests.hf import models
+
+ROWS, LENGTH, PROMPT = 4, 12, 3
+
+
+def batch() -> dict[str, torch.Tensor]:
+    input_ids = models.ids(B=ROWS, N=LENGTH, seed=7)
+    labels = input_ids.clone()
+    labels[:, :PROMPT] = -100
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = models.transformers.GPT2Config(vocab_size=models.V, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+                                            bos_token_id=1, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0,
+                                            attn_pdrop=0.0)
+    return models.transformers.GPT2LMHeadModel(config)
+
+
+def wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    return model
+
+
+def full_parameters(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
+    inner = model.module if mode == "ddp" else model
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for name, p in inner.named_parameters()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["single", "fsdp", "ddp"], required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    distributed = args.mode != "single"
+    if distributed:
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    data = batch()
+    result: dict[str, object] = {}
+    model = tiny_gpt2()
+    if rank == 0 and not distributed:
+        with torch.no_grad():
+            logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+        result["smile_on_logits"] = float(seqloss.smile_loss(logits, data["labels"], shift=True))
+    seqloss.hf.patch(model, "smile", fused=True)
+    model = wrap(model, args.mode)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    local = {key: value[rank::world] for key, value in data.items()}
+    losses = []
+    for _ in range(args.steps):
+        optimizer.zero_grad(set_to_none=True)
+        out = model(**local)
+        assert out.logits is None  # the fused head made no logits
+        out.loss.backward()
+        optimizer.step()
+        loss = out.loss.detach().clone()
+        if distributed:
+            dist.all_reduce(loss)
+        losses.append(float(loss) / world)
+    parameters = full_parameters(model, args.mode)
+    if rank == 0:
+        torch.save({**result, "losses": losses, "parameters": parameters}, args.out)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

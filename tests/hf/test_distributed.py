@@ -1,0 +1,43 @@
+"""Scale-out through an existing engine: a GPT-2 patched with ``fused=True`` SMILE, sharded by FSDP
+(``torch.distributed.fsdp.fully_shard``) or replicated by DDP over 2 CPU processes (gloo), takes the
+same optimiser steps — the same losses, the same parameters — as 1 process on the same global batch,
+and its first loss is SMILE's on the model's logits. The steps run in ``distributed_steps.py``."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(mode: str, out: Path, launcher: list[str]) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([*launcher, "-m", "tests.hf.distributed_steps", "--mode", mode, "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return _run("single", tmp_path_factory.mktemp("single") / "one.pt", [sys.executable])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, port", [("fsdp", "29541"), ("ddp", "29542")])
+def test_two_processes_take_the_same_steps_as_one(single, tmp_path, mode, port):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    two = _run(mode, tmp_path / "two.pt", torchrun)
+    assert single["losses"][0] == pytest.approx(single["smile_on_logits"], rel=1e-5)
+    assert single["losses"][-1] < single["losses"][0]  # it trained
+    assert two["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    assert two["parameters"].keys() == single["parameters"].keys()
+    for name, value in single["parameters"].items():
+        torch.testing.assert_close(two["parameters"][name], value, rtol=1e-4, atol=1e-5, msg=name)
