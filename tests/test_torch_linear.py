@@ -380,3 +380,40 @@ def test_property_fused_matches_reference(b, n, width, vocab_size, seed, ignore,
     compare_head(name, hidden, weight, labels, bias if with_bias else None, seed=seed, shift=shift,
                  label_smoothing=label_smoothing, reduction=reduction,
                  grad_output=random_grad_output(out_shape, seed) if out_shape else None)
+
+
+def test_packed_list_parts_pad_each_block_to_its_own_longest_sequence(monkeypatch):
+    """One long example, two short ones and padding whose position ids restart at every token (each
+    pad its own empty sequence): the list pass scores only the three examples, padding each block to
+    its own longest, and equals the examples scored one by one."""
+    lengths, pads, h_size, v_size = (40, 3, 2), 30, 8, 23
+    total = sum(lengths) + pads
+    position_ids = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(pads, dtype=torch.long)]).unsqueeze(0)
+    labels = torch.randint(0, v_size, (1, total), generator=generator(1))
+    labels[0, sum(lengths):] = IGNORE
+    hidden = torch.randn(1, total, h_size, generator=generator(2), requires_grad=True)
+    weight = torch.randn(v_size, h_size, generator=generator(3), requires_grad=True)
+    gathered: list[tuple[int, ...]] = []
+    groups = seqloss.torch_linear._groups
+
+    def spy(*args):
+        ids, slots, rows = groups(*args)
+        gathered.append(tuple(slots.shape))
+        return ids, slots, rows
+
+    monkeypatch.setattr(seqloss.torch_linear, "_groups", spy)
+    monkeypatch.setattr(seqloss.torch_linear, "LIST_BLOCK_ELEMENTS", (v_size + 4) * h_size)  # blocks of ≤ 1 long group
+    packed = seqloss.linear_loss(hidden, weight, labels, objective="smile", shift=True, position_ids=position_ids,
+                                 reduction="sum", impl="torch")
+    # SMILE's list part holds each example's targets after its first (that one is full-vocabulary MLE):
+    # 38 of the long example, 1 of the 3-token one, none of the 2-token one or of the 30 pads.
+    assert gathered == [(2, 38)]
+    grads = torch.autograd.grad(packed, (hidden, weight))
+    want, start = 0.0, 0
+    for n in lengths:
+        want = want + seqloss.linear_loss(hidden[:, start:start + n], weight, labels[:, start:start + n],
+                                          objective="smile", shift=True, reduction="sum", impl="reference")
+        start += n
+    assert_close_fp32(packed, want)
+    for got, expected in zip(grads, torch.autograd.grad(want, (hidden, weight))):
+        assert_close_fp32(got, expected, "backward")

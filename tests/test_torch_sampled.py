@@ -150,6 +150,17 @@ def test_reductions_and_num_items_in_batch_agree():
     assert_close_fp32(scaled, none.sum() / 7)
 
 
+def test_item_counts_are_sampler_weights_as_they_come():
+    """Counts from ``bincount`` (int64) draw exactly as the same counts as floats."""
+    hidden, weight, labels = _catalogue(V=50)
+    counts = torch.bincount(labels[labels >= 0], minlength=50) + 1
+    as_ints = seqloss.sampled_softmax_loss(hidden, weight, labels, num_negatives=9, sampler=counts,
+                                           generator=torch.Generator().manual_seed(0))
+    as_floats = seqloss.sampled_softmax_loss(hidden, weight, labels, num_negatives=9, sampler=counts.double(),
+                                             generator=torch.Generator().manual_seed(0))
+    assert_close_fp32(as_ints, as_floats)
+
+
 def test_nothing_supervised_gives_zero_and_no_nan():
     hidden, weight, _ = _catalogue(V=50)
     labels = torch.full(hidden.shape[:2], IGNORE)

@@ -411,9 +411,9 @@ def check_sampled_call(hidden: Any, weight: Any, labels: Any, *, num_negatives: 
             raise ValueError(f"sampler must be one of {SAMPLER_NAMES} or a (V,) tensor of weights, got {sampler!r}")
         checked_sampler = sampler
     elif isinstance(sampler, Tensor):
-        if not sampler.is_floating_point() or tuple(sampler.shape) != (V,):
-            raise ValueError(f"sampler weights must be a floating-point tensor of shape ({V},) (one per row of "
-                             f"weight), got {sampler.dtype} {tuple(sampler.shape)}")
+        if sampler.is_complex() or sampler.dtype == torch.bool or tuple(sampler.shape) != (V,):
+            raise ValueError(f"sampler weights must be a real tensor of shape ({V},) (one per row of weight; "
+                             f"item counts are fine), got {sampler.dtype} {tuple(sampler.shape)}")
         checked_sampler = sampler.to(device=hidden.device, dtype=torch.float64)
         if not _tracing():
             if not bool(torch.isfinite(checked_sampler).all()) or bool((checked_sampler < 0).any()):

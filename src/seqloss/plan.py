@@ -80,7 +80,8 @@ def position_weights(target_mask: Tensor, c: Common, labels: Optional[Tensor] = 
     if c.num_items_in_batch is not None:
         denominator = torch.as_tensor(c.num_items_in_batch, dtype=torch.float32, device=weights.device)
     else:
-        denominator = weights.sum().clamp_min(1.0)  # nothing supervised → 0, not NaN
+        total = weights.sum()  # class weights may sum below 1: divide by that sum, as torch does
+        denominator = torch.where(total > 0, total, torch.ones_like(total))  # nothing supervised → 0, not NaN
     return weights / denominator
 
 

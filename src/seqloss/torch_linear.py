@@ -89,39 +89,49 @@ def _full_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Pla
             grads.add_dense(idx, z, h, weight)
 
 
-def _groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor, w_all: Optional[Tensor]):
-    """Positions grouped by the list they share: rows of the batch for (B, 1, K) lists, the listed
-    positions of each sequence for (S, 1, K) lists (empty slots: position 0, not listed), single
-    positions for (B, N, K) lists → ids (G, K), hidden (G, M, H), labels (G, M, 1), positions
-    and weights (G, M), flat position index (G, M)."""
-    B, N, H = hidden.shape
-    index = torch.arange(B * N, device=hidden.device).reshape(B, N)
+def _groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Positions grouped by the list they share → ids (G, K), the flat index of each group's
+    positions (G, M) (-1: an empty slot), and whether the groups are the batch's rows in order.
+
+    Groups are the rows of the batch for (B, 1, K) lists, single positions for (B, N, K) lists, and
+    for (S, 1, K) lists (packed examples, turns) the listed positions of each sequence, left-aligned
+    and ordered longest first, sequences with none left out: a block of neighbours then pads to its
+    own longest sequence, never to the batch's, so skewed lengths or many padding "sequences" cost
+    no memory (the gathers happen per block)."""
+    B, N, _ = hidden.shape
     if ids.shape[1] == 1 and plan.sequence is not None:
         slots = sequence_groups(plan.sequence, positions, ids.shape[0])  # (S, M), -1 = empty
-        flat = slots.clamp(min=0)
-        listed = positions.reshape(-1)[flat] & (slots >= 0)
-        parts = (ids[:, 0], hidden.reshape(B * N, H)[flat], plan.labels.reshape(-1)[flat].unsqueeze(-1), listed,
-                 None if w_all is None else w_all.reshape(-1)[flat] * listed, flat)
-    elif ids.shape[1] == 1:
-        parts = (ids[:, 0], hidden, plan.labels.unsqueeze(-1), positions, w_all, index)
-    else:
-        parts = (ids.reshape(B * N, ids.shape[-1]), hidden.reshape(B * N, 1, H), plan.labels.reshape(B * N, 1, 1),
-                 positions.reshape(B * N, 1), None if w_all is None else w_all.reshape(B * N, 1),
-                 index.reshape(B * N, 1))
-    return parts
+        filled = (slots >= 0).sum(dim=1)
+        order = filled.argsort(descending=True, stable=True)
+        order = order[filled[order] > 0]
+        return ids[order, 0], slots[order], False
+    index = torch.arange(B * N, device=hidden.device).reshape(B, N)
+    if ids.shape[1] == 1:
+        return ids[:, 0], index, True
+    return ids.reshape(B * N, ids.shape[-1]), index.reshape(B * N, 1), False
 
 
 def _list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, alpha: float, ids: Tensor,
                positions: Tensor, w_all: Optional[Tensor], loss: Tensor, grads: Grads) -> None:
     """Positions whose support is the label plus ``ids``: gathered head rows, batched matmuls."""
     H = hidden.shape[-1]
-    ids_g, h_g, y_g, pos_g, w_g, index_g = _groups(ids, hidden, plan, positions, w_all)
+    ids_g, slots, rows = _groups(ids, hidden, plan, positions)
     G, K = ids_g.shape
-    M = h_g.shape[1]
-    block = max(1, LIST_BLOCK_ELEMENTS // max(1, (K + M) * H))
-    for s in range(0, G, block):
+    h_flat, y_flat, on_flat = hidden.reshape(-1, H), plan.labels.reshape(-1), positions.reshape(-1)
+    s = 0
+    while s < G:
+        M = slots.shape[1] if rows else max(1, int((slots[s] >= 0).sum()))  # the block's longest group
+        block = max(1, LIST_BLOCK_ELEMENTS // max(1, (K + M) * H))
         sl = slice(s, s + block)
-        h, y, on, flat = h_g[sl].float(), y_g[sl], pos_g[sl], index_g[sl]  # (g, M, H), (g, M, 1), (g, M)
+        s += block
+        if rows:  # slices of the batch, no copies
+            h, y, on, flat = hidden[sl].float(), plan.labels[sl].unsqueeze(-1), positions[sl], slots[sl]
+            w_g = None if w_all is None else w_all[sl]
+        else:
+            slot = slots[sl, :M]
+            flat = slot.clamp(min=0)
+            h, y, on = h_flat[flat].float(), y_flat[flat].unsqueeze(-1), on_flat[flat] & (slot >= 0)
+            w_g = None if w_all is None else w_all.reshape(-1)[flat] * on
         cand, valid = candidates(ids_g[sl].unsqueeze(1).expand(-1, M, -1), y, on)  # (g, M, K+1)
         # The list part is small (K columns), so its math is fp32 throughout: bf16 inputs round once.
         w_rows = weight[ids_g[sl].clamp(min=0)].float()                # (g, K, H)
@@ -130,7 +140,7 @@ def _list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Pla
         if bias is not None:
             z = z + bias[cand].float()
         capped = None if plan.softcap is None else cap_(z, plan.softcap)
-        w = None if w_g is None else alpha * w_g[sl].unsqueeze(-1)
+        w = None if w_g is None else alpha * w_g.unsqueeze(-1)
         tok, g = list_rows(z, valid, plan.label_smoothing, w, plan.z_loss)  # (g, M, 1), (g, M, K+1)
         loss.view(-1).index_add_(0, flat.flatten(), alpha * tok.flatten())
         if g is None:

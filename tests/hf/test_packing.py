@@ -123,3 +123,16 @@ def test_a_compiled_patched_model_takes_packed_batches(fused):
     torch.testing.assert_close(compiled_loss, eager, rtol=1e-5, atol=1e-6)
     for key, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[key], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_multimodal_position_ids_are_not_read_as_packing_and_the_user_is_told():
+    """Qwen2-VL's rotary positions (3, B, N) repeat inside an image: they cannot mark examples, so
+    each row is one sequence (with a warning); flash-attention boundaries still mark them."""
+    from seqloss.hf.patch import packed_positions
+    labels = torch.zeros(2, 6, dtype=torch.long)
+    rotary = torch.tensor([0, 1, 1, 1, 2, 3]).expand(3, 2, 6)
+    with pytest.warns(UserWarning, match="multimodal position_ids"):
+        assert packed_positions(rotary, None, labels) is None
+    with pytest.warns(UserWarning, match="multimodal position_ids"):
+        both = packed_positions(rotary, torch.tensor([0, 4, 12]), labels)
+    assert both.tolist() == [[0, 1, 2, 3, 0, 1], [2, 3, 4, 5, 6, 7]]

@@ -73,7 +73,7 @@ def test_seeds_reproduce_and_workers_draw_their_own(monkeypatch):
     assert torch.equal(first["labels"], again["labels"]) and not torch.equal(first["labels"], other["labels"])
 
     class Worker:
-        id = 0
+        id, seed = 0, 12345  # DataLoader gives each worker of each epoch its own seed
 
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: Worker)
     in_worker = DataCollator("mlm", seed=3, **OPTIONS["mlm"])(features)
@@ -172,3 +172,9 @@ def test_dataloader_workers_collate_plm_batches_with_their_own_draws():
     first, second = list(loader)
     assert first["perm_mask"].shape == (8, 9, 9) and torch.equal(first["input_ids"], second["input_ids"])
     assert not torch.equal(first["labels"], second["labels"])
+    next_epoch = list(loader)  # fresh workers: new masks, not a replay of the last epoch's
+    assert not torch.equal(first["labels"], next_epoch[0]["labels"])
+    torch.manual_seed(7)
+    run = [b["labels"] for b in loader]
+    torch.manual_seed(7)  # the worker seeds come from the main process's RNG: reproducible
+    assert all(torch.equal(a, b["labels"]) for a, b in zip(run, loader))

@@ -23,6 +23,9 @@ from .heads import linear_head, peft_base_model
 _STATE = "_seqloss_patch"
 # Set by each family's convention or by the model call, never by the caller.
 _RESERVED = ("shift", "num_items_in_batch", "position_ids")
+MULTIMODAL_POSITIONS = ("the model was called with multimodal position_ids (one row per rotary section): seqloss "
+                        "cannot find packed examples in them and scores each row as one sequence; for packed "
+                        "rows pass cu_seq_lens_q (DataCollatorWithFlattening(return_flash_attn_kwargs=True))")
 BYPASS = ("TRL's SFTTrainer computes its own loss (a fused log-probability head) and never calls "
           "model.loss_function, so a patched model would train plain NLL under it: build the trainer with "
           "seqloss.hf.sft_trainer(objective, ..., model=..., args=..., train_dataset=...) instead")
@@ -56,6 +59,11 @@ def packed_positions(position_ids: Optional[Tensor], cu_seq_lens: Optional[Tenso
     ``position_ids`` (a padding-free collator's), else the example boundaries ``cu_seq_lens_q`` that
     ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` passes instead (cumulative lengths
     over the flattened batch). None when the call has neither."""
+    if position_ids is not None and position_ids.dim() > labels.dim():
+        # Multimodal rotary positions (Qwen2-VL's (3, B, N)): image tokens share positions, so they
+        # cannot tell where an example starts. Say so rather than guess; cu_seq_lens still can.
+        warnings.warn(MULTIMODAL_POSITIONS, UserWarning, stacklevel=2)
+        position_ids = None
     if position_ids is not None:
         return position_ids.to(labels.device).expand_as(labels)
     if cu_seq_lens is None:

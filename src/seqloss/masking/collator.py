@@ -56,8 +56,10 @@ class DataCollator:
     ``mode="eval"`` makes a collator that masks every batch in eval mode (for your own eval loop).
 
     **Randomness.** With ``seed``, each process draws from its own generator: the main process from
-    ``seed``, DataLoader worker w from ``seed + 1 + w`` (forked workers would otherwise repeat each
-    other's masks). Without it, from torch's global RNG.
+    ``seed``; a DataLoader worker from ``seed`` mixed with the seed torch gives that worker (its
+    ``get_worker_info().seed``: distinct per worker and per epoch, reproducible under the Trainer's
+    seed), so workers never repeat each other's masks, nor a fresh epoch's workers the last epoch's.
+    Without ``seed``, from torch's global RNG (which DataLoader seeds per worker and epoch as well).
 
     Args:
         scheme_or_name: "clm", "mlm" or "plm" (configured with ``options``), or a ``MaskingScheme``.
@@ -152,9 +154,10 @@ class DataCollator:
         if self.seed is None:
             return None
         info = torch.utils.data.get_worker_info()
-        worker = -1 if info is None else info.id
+        worker = -1 if info is None else info.seed  # a worker's seed changes with every epoch's workers
         if worker not in self._generators:
-            self._generators[worker] = torch.Generator().manual_seed(self.seed + 1 + worker)
+            mixed = self.seed if info is None else hash((self.seed, info.seed)) & ((1 << 63) - 1)
+            self._generators[worker] = torch.Generator().manual_seed(mixed)
         return self._generators[worker]
 
     def _pad(self, rows: list[Any], key: str, fill: Optional[int] = None) -> tuple[Tensor, Tensor]:
