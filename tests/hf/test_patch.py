@@ -231,3 +231,32 @@ def test_arguments_given_by_position_are_not_missed(name, fused):
     torch.testing.assert_close(model(*args).loss, expected, rtol=0, atol=0)
     with pytest.raises(TypeError, match="multiple values"):
         model(*args, labels=batch["labels"])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("family", ["gpt2", "t5", "blip"])
+def test_a_copy_of_a_patched_model_runs_its_own_weights(family, fused):
+    """``copy.deepcopy`` (TRL's reference model, an EMA copy) of a patched model: the copy's forward
+    is its own, with or without labels, and unpatching the copy leaves the original patched."""
+    import copy
+    if fused and family != "gpt2":
+        pytest.skip("fused=True is for causal LMs")
+    make, batch_of = FAMILIES[family]
+    torch.manual_seed(0)
+    model = make().eval()
+    batch = batch_of()
+    seqloss.hf.patch(model, "smile", fused=fused)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    if family == "t5":
+        unlabelled["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    assert not torch.allclose(model(**batch).loss, twin(**batch).loss)
+    assert not torch.allclose(model(**unlabelled).logits, twin(**unlabelled).logits)
+    expected = copy.deepcopy(twin)
+    seqloss.hf.unpatch(expected)
+    torch.testing.assert_close(twin(**unlabelled).logits, expected(**unlabelled).logits)
+    seqloss.hf.unpatch(twin)
+    assert seqloss.hf.patched_objective(model) is not None and seqloss.hf.patched_objective(twin) is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import types
 import warnings
 from typing import Any, Callable, Optional
 
@@ -91,12 +92,12 @@ def _causal_loss(objective: Any, options: dict[str, Any], position_ids: Optional
     return loss_function
 
 
-def _causal_forward(model: Any, original: Callable, objective: Any, options: dict[str, Any]) -> Callable:
+def _causal_forward(original_of: Callable, objective: Any, options: dict[str, Any]) -> Callable:
     """The model's forward, with its loss function bound to the call's ``position_ids`` (which
     transformers does not hand to ``loss_function``) for the length of the call."""
 
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
+    def forward(model, *args, **kwargs):
+        original = original_of(model)
         position_ids = kwargs.get("position_ids")
         if kwargs.get("labels") is None or position_ids is None:
             return original(*args, **kwargs)
@@ -115,7 +116,7 @@ def _pass_through(hidden: Any) -> Any:
     return hidden
 
 
-def _fused_causal_forward(model: Any, original: Callable, objective: Any, options: dict[str, Any]) -> Callable:
+def _fused_causal_forward(model: Any, original_of: Callable, objective: Any, options: dict[str, Any]) -> Callable:
     """The model's forward with the LM head bypassed: its loss comes from the last hidden states and
     the head's weight (seen through PEFT wrappers, see ``heads.py``; the head is looked up at each call,
     so an adapter added after ``patch`` counts)."""
@@ -125,8 +126,8 @@ def _fused_causal_forward(model: Any, original: Callable, objective: Any, option
     softcap = logit_softcap(model)
     loss_options = options if softcap is None else {**options, "softcap": float(softcap)}
 
-    @functools.wraps(original)
-    def forward(*args, labels=None, **kwargs):
+    def forward(model, *args, labels=None, **kwargs):
+        original = original_of(model)
         if labels is None:
             return original(*args, **kwargs)
         position_ids = kwargs.get("position_ids")
@@ -166,11 +167,11 @@ def _fused_causal_forward(model: Any, original: Callable, objective: Any, option
     return forward
 
 
-def _seq2seq_forward(model: Any, original: Callable, objective: Any, options: dict[str, Any]) -> Callable:
+def _seq2seq_forward(model: Any, original_of: Callable, objective: Any, options: dict[str, Any]) -> Callable:
     """T5/BART: decoder inputs from the labels as the model makes them, loss position by position."""
 
-    @functools.wraps(original)
-    def forward(*args, labels=None, return_dict=None, **kwargs):
+    def forward(model, *args, labels=None, return_dict=None, **kwargs):
+        original = original_of(model)
         if labels is None:
             return original(*args, return_dict=return_dict, **kwargs)
         if kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None:
@@ -183,11 +184,11 @@ def _seq2seq_forward(model: Any, original: Callable, objective: Any, options: di
     return forward
 
 
-def _blip_decoder_forward(decoder: Any, original: Callable, objective: Any, options: dict[str, Any]) -> Callable:
+def _blip_decoder_forward(decoder: Any, original_of: Callable, objective: Any, options: dict[str, Any]) -> Callable:
     """BLIP's text decoder: shift inside, its own label smoothing, ``reduction="none"`` = per-caption sums."""
 
-    @functools.wraps(original)
-    def forward(*args, labels=None, reduction="mean", **kwargs):
+    def forward(decoder, *args, labels=None, reduction="mean", **kwargs):
+        original = original_of(decoder)
         if labels is None or kwargs.get("return_logits"):
             return original(*args, labels=labels, reduction=reduction, **kwargs)
         shift_labels = kwargs.pop("shift_labels", None)
@@ -205,26 +206,41 @@ def _blip_decoder_forward(decoder: Any, original: Callable, objective: Any, opti
     return forward
 
 
-def _by_keyword(original: Callable, forward: Callable) -> Callable:
-    """``forward`` (which reads ``labels``, ``decoder_input_ids``, ... by keyword) called as ``original``
-    may be: positional arguments are passed by name, so that none is missed or given twice."""
-    names = [p.name for p in inspect.signature(original).parameters.values()
-             if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+def _install(owner: Any, function: Callable, forward: Callable) -> None:
+    """Set ``owner.forward`` to ``forward(owner, ...)`` (which reads ``labels``, ``decoder_input_ids``,
+    ... by keyword), called as the class's ``function`` may be: positional arguments are passed by name,
+    so that none is missed or given twice.
 
-    @functools.wraps(original)
-    def call(*args: Any, **kwargs: Any) -> Any:
+    It is a method bound to ``owner``, with everything else looked up on the instance at each call: a
+    copy of the model (``copy.deepcopy``: TRL's reference model, an EMA copy) is rebound to itself and
+    runs its own weights, never the original's."""
+    names = [p.name for p in inspect.signature(function).parameters.values()
+             if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]  # without self
+
+    @functools.wraps(function)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         if args:
             if len(args) > len(names):
-                raise TypeError(f"{original.__qualname__}() takes {len(names)} positional arguments, "
+                raise TypeError(f"{function.__qualname__}() takes {len(names)} positional arguments, "
                                 f"got {len(args)}")
             named = dict(zip(names, args))
             clash = sorted(named.keys() & kwargs.keys())
             if clash:
-                raise TypeError(f"{original.__qualname__}() got multiple values for argument {clash[0]!r}")
+                raise TypeError(f"{function.__qualname__}() got multiple values for argument {clash[0]!r}")
             kwargs = {**named, **kwargs}
-        return forward(**kwargs)
+        return forward(self, **kwargs)
 
-    return call
+    owner.forward = types.MethodType(call, owner)
+
+
+def _original_of(previous_forward: Any, cls: Any) -> Callable:
+    """``instance → its forward under the patch``: the forward already set on the instance (TRL's fused
+    log-probability head), rebound to the instance it is called for, or the class's."""
+    if previous_forward is not None and not isinstance(previous_forward, types.MethodType):
+        return lambda instance: previous_forward
+    function = cls.forward if previous_forward is None else previous_forward.__func__
+    # A closure, not types.MethodType(...): Dynamo traces the one and not the other.
+    return lambda instance: lambda *args, **kwargs: function(instance, *args, **kwargs)
 
 
 def patch(model: Any, objective: Any = "smile", fused: bool = False, **options: Any) -> Any:
@@ -251,24 +267,21 @@ def patch(model: Any, objective: Any = "smile", fused: bool = False, **options: 
     unpatch(model)
     # A forward already set on the instance (TRL's fused log-probability head) stays underneath ours.
     previous_forward = model.__dict__.get("forward")
-    if family in (CAUSAL, SEQ2SEQ):
-        original = previous_forward or type(model).forward.__get__(model)
+    original_of = _original_of(previous_forward, type(model))
+    function = getattr(previous_forward, "__func__", type(model).forward)
     if family == CAUSAL and not fused:
         previous = model.__dict__.get("_loss_function")
         model.loss_function = _causal_loss(objective, options)
-        model.forward = _by_keyword(original, _causal_forward(model, original, objective, options))
-
-        def restore() -> None:
-            _restore_attribute(model, "_loss_function", previous)
-            _restore_attribute(model, "forward", previous_forward)
+        _install(model, function, _causal_forward(original_of, objective, options))
+        restore = functools.partial(_restore_causal, model, previous, previous_forward)
     elif family in (CAUSAL, SEQ2SEQ):
         make = _fused_causal_forward if fused else _seq2seq_forward
-        model.forward = _by_keyword(original, make(model, original, objective, options))
+        _install(model, function, make(model, original_of, objective, options))
         restore = functools.partial(_restore_attribute, model, "forward", previous_forward)
     else:
         decoder = model.text_decoder
-        original = type(decoder).forward.__get__(decoder)
-        decoder.forward = _by_keyword(original, _blip_decoder_forward(decoder, original, objective, options))
+        _install(decoder, type(decoder).forward,
+                 _blip_decoder_forward(decoder, _original_of(None, type(decoder)), objective, options))
         restore = functools.partial(_restore_attribute, decoder, "forward", None)
     setattr(model, _STATE, dict(family=family, objective=objective, fused=fused, options=dict(options),
                                 restore=restore))
@@ -283,6 +296,11 @@ def _warn_if_a_trainer_bypasses(previous_forward: Any) -> None:
     from_trl = getattr(getattr(previous_forward, "__func__", previous_forward), "__module__", "") or ""
     if from_trl.startswith("trl") or "trl" in sys.modules:
         warnings.warn(BYPASS, UserWarning, stacklevel=3)
+
+
+def _restore_causal(model: Any, previous_loss: Any, previous_forward: Any) -> None:
+    _restore_attribute(model, "_loss_function", previous_loss)
+    _restore_attribute(model, "forward", previous_forward)
 
 
 def _restore_attribute(owner: Any, name: str, previous: Any) -> None:
