@@ -16,7 +16,7 @@ FLOORS = [
     {"seqloss._lazy", "seqloss.support", "seqloss.rows", "seqloss.reference", "seqloss._buffers",
      "seqloss.sampling"},
     {"seqloss._validate"},
-    {"seqloss.plan"},
+    {"seqloss.plan", "seqloss._validate_sampled"},
     {"seqloss.torch_logits", "seqloss.torch_linear", "seqloss.kernels", "seqloss.kernels.engine",
      "seqloss.kernels.parts", "seqloss.kernels.support_ce", "seqloss.torch_sampled"},
     {"seqloss.autograd"},

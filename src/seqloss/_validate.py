@@ -1,5 +1,6 @@
 """Every input check, once, before any branch: :func:`check_call` is the one entry every public
-call goes through (the functions, ``linear_loss``, the modules and ``seqloss.hf``).
+call goes through (the functions, ``linear_loss``, the modules and ``seqloss.hf``);
+``sampled_softmax_loss`` adds its own options on top of these checks in ``_validate_sampled``.
 
 Errors name the argument: a ``TypeError`` for a wrong kind of thing, a ``ValueError`` for a wrong
 value. Checks never modify their inputs; the normalised values they return are new objects (labels
@@ -61,7 +62,7 @@ class Call:
     vocab_size: Optional[int]
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
     """True while torch.compile traces: data-dependent checks are skipped (see the module docstring)."""
     return torch.compiler.is_compiling()
 
@@ -108,7 +109,7 @@ def check_call(objective: Any, options: Mapping[str, Any], *, logits: Any = None
     return Call(common, members, flat, lead, N, vocab)
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -116,7 +117,7 @@ def check_common(options: Mapping[str, Any]) -> Common:
     c = Common(**{**COMMON_DEFAULTS, **options})
     if not isinstance(c.shift, bool):
         raise TypeError(f"shift must be a bool, got {type(c.shift).__name__}")
-    if not _is_int(c.ignore_index):
+    if not is_int(c.ignore_index):
         raise TypeError(f"ignore_index must be an int, got {type(c.ignore_index).__name__}")
     if not isinstance(c.label_smoothing, numbers.Real) or isinstance(c.label_smoothing, bool):
         raise TypeError(f"label_smoothing must be a float, got {type(c.label_smoothing).__name__}")
@@ -152,7 +153,7 @@ def check_common(options: Mapping[str, Any]) -> Common:
         if isinstance(k, Tensor):
             if k.numel() != 1:
                 raise ValueError("num_items_in_batch must be a single positive number")
-            if _tracing():
+            if tracing():
                 return c
             if k.is_floating_point() and not torch.isfinite(k).all():
                 raise ValueError("num_items_in_batch must be a single positive number")
@@ -213,7 +214,7 @@ def check_labels(labels: Any, expected_shape: Sequence[int], vocab_size: int, ig
     if tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match {against}: expected "
                          f"{tuple(expected_shape)}")
-    if _tracing():
+    if tracing():
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
@@ -227,7 +228,7 @@ def check_position_ids(position_ids: Tensor, labels_shape: tuple[int, ...], redu
         raise TypeError(f"position_ids must hold integer positions (torch.long), got {position_ids.dtype}")
     if tuple(position_ids.shape) != labels_shape:
         raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match the labels' {labels_shape}")
-    if _tracing():
+    if tracing():
         if reduction == "sequence":
             raise ValueError("reduction='sequence' with position_ids returns one sum per packed example, a "
                              "data-dependent shape that torch.compile cannot trace; use reduction='none'")
@@ -242,16 +243,16 @@ def check_class_weight(weight: Tensor, vocab_size: int) -> None:
     if not weight.is_floating_point() or tuple(weight.shape) != (vocab_size,):
         raise ValueError(f"class weights must be a floating-point tensor of shape ({vocab_size},), one per id, "
                          f"got {weight.dtype} {tuple(weight.shape)}")
-    if not _tracing() and (not bool(torch.isfinite(weight).all()) or bool((weight < 0).any())):
+    if not tracing() and (not bool(torch.isfinite(weight).all()) or bool((weight < 0).any())):
         raise ValueError("class weights must be finite and >= 0")
 
 
 def check_ids(ids: Any, name: str, vocab_size: Optional[int]) -> tuple[int, ...]:
     """An id or a sequence of ids, each in [0, V) (>= 0 when V is not known yet)."""
     values = ids.tolist() if isinstance(ids, Tensor) else ids
-    values = [values] if _is_int(values) else list(values)
+    values = [values] if is_int(values) else list(values)
     for value in values:
-        if not _is_int(value):
+        if not is_int(value):
             raise TypeError(f"{name} must hold ints, got {type(value).__name__}")
         if not 0 <= value < (vocab_size if vocab_size is not None else value + 1):
             raise ValueError(f"{name} must be in [0, {vocab_size}), got {value}")
@@ -272,7 +273,7 @@ def _check_candidates(value: Any, name: str, lead: tuple[int, ...], N: int, voca
         want = "(..., K) per row" + (" or (..., N, K) per label position" if per_position else "")
         raise ValueError(f"{name} must have shape {want} with the labels' leading shape {lead}, "
                          f"got {tuple(value.shape)}")
-    if not _tracing() and bool((value >= vocab_size).any()):
+    if not tracing() and bool((value >= vocab_size).any()):
         raise ValueError(f"{name} ids must be < {vocab_size} (negative entries are padding), "
                          f"found {int(value.max())}")
     B = math.prod(lead)
@@ -314,7 +315,7 @@ def check_member_options(name: str, options: dict[str, Any], vocab_size: Optiona
     if "exclude_ids" in out:
         out["exclude_ids"] = check_ids(out["exclude_ids"], "exclude_ids", vocab_size)
     if "num_samples" in out:
-        if not _is_int(out["num_samples"]):
+        if not is_int(out["num_samples"]):
             raise TypeError(f"num_samples must be an int, got {type(out['num_samples']).__name__}")
         if out["num_samples"] < 1:
             raise ValueError(f"num_samples must be >= 1, got {out['num_samples']}")
@@ -323,7 +324,7 @@ def check_member_options(name: str, options: dict[str, Any], vocab_size: Optiona
     if name == "selective_eos":
         if out.get("eos_token_id") is None:
             raise TypeError("selective_eos needs eos_token_id")
-        if not _is_int(out["eos_token_id"]):
+        if not is_int(out["eos_token_id"]):
             raise TypeError(f"eos_token_id must be an int, got {type(out['eos_token_id']).__name__}")
         check_ids(out["eos_token_id"], "eos_token_id", vocab_size)
     if name == "subset" and lead is not None:
@@ -353,75 +354,3 @@ def route_options(objectives: list[tuple[float, str]], options: dict[str, Any], 
         raise TypeError(f"unexpected keyword argument(s) {names} for objective "
                         f"{'+'.join(n for _, n in objectives)}")
     return members
-
-
-# --- sampled softmax ---------------------------------------------------------------------------
-
-SAMPLER_NAMES = ("uniform", "log_uniform", "in_batch")
-# The common keywords sampled softmax takes (packing and turns change nothing for a loss without
-# per-row sets, except the shift across packed examples, which it does not implement).
-SAMPLED_COMMON = ("shift", "ignore_index", "label_smoothing", "reduction", "num_items_in_batch", "impl")
-
-
-@dataclass(frozen=True)
-class SampledCall:
-    """A validated ``sampled_softmax_loss`` call; labels (B, N) on the hidden states' device."""
-
-    common: Common
-    labels: Tensor
-    lead: tuple[int, ...]
-    N: int
-    vocab_size: int
-    num_negatives: int
-    sampler: Union[str, Tensor]   # a name, or (V,) float64 weights on the hidden states' device
-    log_q_correction: bool
-    remove_accidental_hits: bool
-    share_negatives: bool
-    generator: Optional[torch.Generator]
-
-
-def check_sampled_call(hidden: Any, weight: Any, labels: Any, *, num_negatives: Any, sampler: Any,
-                       log_q_correction: Any, remove_accidental_hits: Any, share_negatives: Any,
-                       generator: Any, options: Mapping[str, Any]) -> SampledCall:
-    """The checks of ``sampled_softmax_loss``: the fused head's tensors, the common options and the
-    sampler's own (a name, or (V,) non-negative finite weights with a positive sum)."""
-    unknown = sorted(set(options) - set(SAMPLED_COMMON))
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)} for sampled_softmax_loss; "
-                        f"it takes {', '.join(SAMPLED_COMMON)} besides its own")
-    common = check_common(options)
-    check_linear(hidden, weight, None)
-    *lead_list, N = hidden.shape[:-1]
-    lead = tuple(lead_list)
-    V = weight.shape[0]
-    check_labels(labels, (*lead, N), V, common.ignore_index, against="hidden")
-    if not _is_int(num_negatives):
-        raise TypeError(f"num_negatives must be an int, got {type(num_negatives).__name__}")
-    if num_negatives < 1:
-        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
-    for name, value in (("log_q_correction", log_q_correction), ("remove_accidental_hits", remove_accidental_hits),
-                        ("share_negatives", share_negatives)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    checked_sampler: Union[str, Tensor]
-    if isinstance(sampler, str):
-        if sampler not in SAMPLER_NAMES:
-            raise ValueError(f"sampler must be one of {SAMPLER_NAMES} or a (V,) tensor of weights, got {sampler!r}")
-        checked_sampler = sampler
-    elif isinstance(sampler, Tensor):
-        if sampler.is_complex() or sampler.dtype == torch.bool or tuple(sampler.shape) != (V,):
-            raise ValueError(f"sampler weights must be a real tensor of shape ({V},) (one per row of weight; "
-                             f"item counts are fine), got {sampler.dtype} {tuple(sampler.shape)}")
-        checked_sampler = sampler.to(device=hidden.device, dtype=torch.float64)
-        if not _tracing():
-            if not bool(torch.isfinite(checked_sampler).all()) or bool((checked_sampler < 0).any()):
-                raise ValueError("sampler weights must be finite and >= 0")
-            if not float(checked_sampler.sum()) > 0:
-                raise ValueError("sampler weights must have a positive sum")
-    else:
-        raise TypeError(f"sampler must be a name or a (V,) tensor of weights, got {type(sampler).__name__}")
-    flat = labels.to(hidden.device).reshape(math.prod(lead), N)
-    return SampledCall(common, flat, lead, N, V, int(num_negatives), checked_sampler, log_q_correction,
-                       remove_accidental_hits, share_negatives, generator)

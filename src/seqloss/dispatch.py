@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from . import kernels, reference
-from ._validate import Call, SampledCall
+from ._validate import Call
+from ._validate_sampled import SampledCall
 from .autograd import compute_dtype, linear_op, logits_op
 from .plan import Plan, label_weights, plan_of, position_weights, targets_of
 from .sampling import Negatives, draw_negatives

@@ -52,7 +52,8 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from ._validate import check_call, check_sampled_call
+from ._validate import check_call
+from ._validate_sampled import check_sampled_call
 from .dispatch import LossStats
 
 # With return_stats=True a function returns a LossStats (the loss and its extras) instead of the loss.
