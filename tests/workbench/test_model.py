@@ -6,7 +6,13 @@ import torch
 
 pytest.importorskip("transformers")
 from seqloss.workbench import scenes  # noqa: E402
-from seqloss.workbench.model import config_fingerprint, load_captioner, new_captioner, small_blip_config  # noqa: E402
+from seqloss.workbench.model import (  # noqa: E402
+    PIXEL_SPREAD,
+    config_fingerprint,
+    load_captioner,
+    new_captioner,
+    small_blip_config,
+)
 from seqloss.workbench.tokenizer import scene_tokenizer  # noqa: E402
 
 
@@ -45,13 +51,27 @@ def test_the_vision_tower_starts_with_position_information():
     assert embeddings.patch_embedding.weight.std() > 1e-3
     config = captioner.model.config.vision_config
     assert config.image_size // config.patch_size == 3  # one patch per cell of the scenes' grid
+    assert config.num_hidden_layers == 0  # each token is its own cell: the decoder's cross-attention looks
+
+
+def test_the_position_embedding_starts_at_the_patch_embeddings_scale():
+    # Not drowned by the patch embeddings, which Adam grows far faster than an additive table.
+    images = [e.image for e in scenes.generate(16)]
+    captioner = new_captioner(scene_tokenizer(), images=images)
+    embeddings = captioner.model.vision_model.embeddings
+    with torch.no_grad():
+        patch_rms = embeddings.patch_embedding(captioner.pixels(images)).pow(2).mean().sqrt()
+    assert float(embeddings.position_embedding.detach().std()) == pytest.approx(float(patch_rms), rel=0.15)
+    again = new_captioner(scene_tokenizer(), images=images)   # and deterministic from the seed
+    torch.testing.assert_close(again.model.vision_model.embeddings.position_embedding,
+                               embeddings.position_embedding)
 
 
 def test_pixels_are_normalised_with_the_training_images_statistics(tmp_path):
     images = [e.image for e in scenes.generate(8)]
     captioner = new_captioner(scene_tokenizer(), images=images)
     pixels = captioner.pixels(images)
-    assert pixels.mean().abs() < 0.1 and (pixels.std() - 1).abs() < 0.1
+    assert pixels.mean().abs() < 0.1 and (pixels.std() * PIXEL_SPREAD - 1).abs() < 0.1
     loaded = load_captioner(captioner.save(tmp_path / "model"))
     torch.testing.assert_close(loaded.pixels(images), pixels)
 

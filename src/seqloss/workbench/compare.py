@@ -20,7 +20,7 @@ from typing import Any, Optional
 from . import scenes
 from .data import CaptionRecord
 from .evaluate import EvalSet, Generation, evaluate
-from .model import IMAGE_SIZE, config_fingerprint, load_captioner, new_captioner, small_blip_config
+from .model import IMAGE_SIZE, PIXEL_SPREAD, config_fingerprint, load_captioner, new_captioner, small_blip_config
 from .objectives import ObjectiveOptions, check, options_per_objective
 from .report import write_report
 from .tokenizer import caption_tokenizer, end_of_caption_id, scene_tokenizer
@@ -36,7 +36,7 @@ class CompareSettings:
     test_images: int = 100
     seed: int = 0
     image_size: int = IMAGE_SIZE
-    stage1: TrainSettings = field(default_factory=lambda: TrainSettings(objective="mle", steps=4500))
+    stage1: TrainSettings = field(default_factory=lambda: TrainSettings(objective="mle", steps=6000))
     stage2_steps: int = 400
     stage2_learning_rate: float = 5e-4
     generation: Generation = field(default_factory=Generation)
@@ -80,6 +80,7 @@ def stage1_key(settings: CompareSettings) -> str:
     drawn = hashlib.sha256(b"".join(e.image.tobytes() for e in sample)).hexdigest()[:12]
     key = dict(train_images=settings.train_images, seed=settings.seed, image_size=settings.image_size,
                stage1=settings.stage1.key(), vocabulary=list(scenes.VOCABULARY), model=model,
+               pixel_spread=PIXEL_SPREAD,
                scenes=[drawn] + [e.captions for e in sample])
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
