@@ -89,7 +89,7 @@ def small_blip_config(tokenizer: Any, image_size: int = IMAGE_SIZE):
       of earlier versions the tokens mixed, the decoder never learned where an object is (teacher-
       forced, it chose an object's position word at chance, 0.21 of five, after 4,500 steps). Without
       them, 2 of 4 initialisations learned to bind position to object (0.76-0.79 within 6,000 steps);
-      the other 2 learned only which cells hold objects (0.40-0.46, as guessing among them gives).
+      the other 2 learned only which cells hold objects (0.38-0.40, as guessing among them gives).
     """
     transformers = require("transformers", "workbench")
     text = dict(vocab_size=len(tokenizer), hidden_size=192, num_hidden_layers=2, num_attention_heads=4,
