@@ -60,15 +60,16 @@ def test_both_buffers_give_the_same_losses_and_gradients(monkeypatch):
 def test_the_logits_gradient_buffer_becomes_the_grad_without_a_copy(monkeypatch):
     # The one (B, N, V) tensor a backward must produce is the engine's buffer itself (no second copy).
     from seqloss import dispatch
+    from seqloss.plan import Engine
     buffers = []
-    engine = dispatch.logits_forward
+    engine = dispatch.LOGITS_TORCH.engine()
 
     def recorded(*args):
-        loss, grad = engine(*args)
-        buffers.append(grad.data_ptr())
-        return loss, grad
+        out = engine.forward(*args)
+        buffers.append(out.grads[0].data_ptr())
+        return out
 
-    monkeypatch.setattr(dispatch, "logits_forward", recorded)
+    monkeypatch.setattr(dispatch.LOGITS_TORCH, "_engine", Engine(recorded, None, rowwise=True))
     logits, labels = make_logits(3, 5, 41, seed=11).requires_grad_(True), make_labels(3, 5, vocab_size=41, seed=11)
     seqloss.smile_loss(logits, labels).backward()
     assert logits.grad.data_ptr() == buffers[-1]

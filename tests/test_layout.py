@@ -13,10 +13,11 @@ PACKAGE = SRC / "seqloss"
 
 # Floors of the core, bottom first: a module imports only from floors below its own.
 FLOORS = [
-    {"seqloss._lazy", "seqloss.support", "seqloss.rows", "seqloss.reference", "seqloss._buffers",
-     "seqloss.sampling"},
+    {"seqloss._lazy", "seqloss.reference", "seqloss._buffers", "seqloss.sampling"},
+    {"seqloss.call"},  # the call's data model, below the validator and the plan alike
+    {"seqloss.support", "seqloss.token_math"},
     {"seqloss._validate"},
-    {"seqloss.plan", "seqloss._validate_sampled"},
+    {"seqloss.plan", "seqloss._validate_sampled", "seqloss.stats"},
     {"seqloss.torch_logits", "seqloss.torch_linear", "seqloss.kernels", "seqloss.kernels.engine",
      "seqloss.kernels.parts", "seqloss.kernels.support_ce", "seqloss.torch_sampled"},
     {"seqloss.autograd"},

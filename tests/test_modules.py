@@ -64,12 +64,27 @@ def test_per_call_options_override_construction_options():
                        seqloss.smile_loss(logits, labels, reduction="sum", impl="reference"))
 
 
-def test_module_options_are_validated_at_call():
-    module = seqloss.ObjectiveLoss({"mle": -1.0})
+def test_module_options_are_validated_at_construction():
     with pytest.raises(ValueError, match="weight"):
-        module(make_logits(B, N, V), make_labels(B, N, vocab_size=V))
+        seqloss.ObjectiveLoss({"mle": -1.0})
     with pytest.raises(TypeError, match="eos_token_id"):
-        seqloss.CrossEntropyLoss(eos_token_id=2)(make_logits(B, N, V), make_labels(B, N, vocab_size=V))
+        seqloss.CrossEntropyLoss(eos_token_id=2)
+    with pytest.raises(ValueError, match="unknown objective 'smiel'"):
+        seqloss.LinearLoss("smiel")
+    with pytest.raises(TypeError, match="shfit"):
+        seqloss.SmileLoss(shfit=True)
+    with pytest.raises(ValueError, match="num_negatives"):
+        seqloss.SampledSoftmaxLoss(0)
+    with pytest.raises(ValueError, match="sampler"):
+        seqloss.SampledSoftmaxLoss(4, sampler="zipf")
+    with pytest.raises(TypeError, match="class_weight"):
+        seqloss.CrossEntropyLoss(weight=torch.ones(V), class_weight=torch.ones(V))
+
+
+def test_module_class_weights_and_per_call_ids_are_checked_at_the_call():
+    module = seqloss.CrossEntropyLoss(weight=torch.ones(V + 1))  # V is known only at the call
+    with pytest.raises(ValueError, match="class weights"):
+        module(make_logits(B, N, V), make_labels(B, N, vocab_size=V))
 
 
 def test_module_inside_a_model_trains():

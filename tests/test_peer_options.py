@@ -216,17 +216,51 @@ def test_return_stats(name, path):
     assert_close_fp32(stats.loss - stats.z_loss, call(softcap=4.0))
     assert float(stats.z_loss) > 0
     scores = logits if path == "logits" else F.linear(hidden, weight, bias)
-    assert torch.equal(stats.predicted_ids, scores.argmax(-1))
     targets = torch.cat([labels[:, 1:], torch.full((B, 1), IGNORE)], 1)
     on = targets != IGNORE
+    assert torch.equal(stats.predicted_ids, torch.where(on, scores.argmax(-1), IGNORE))
     assert_close_fp32(stats.token_accuracy, (scores.argmax(-1) == targets)[on].float().mean())
+    spec = call(z_loss=0.1, softcap=4.0, return_stats=True, impl="reference")
+    assert_close_fp32(stats.z_loss, spec.z_loss)
+    assert torch.equal(stats.predicted_ids, spec.predicted_ids)
+    assert_close_fp32(stats.token_accuracy, spec.token_accuracy)
 
 
 def test_return_stats_without_z_loss_or_targets():
     logits = torch.randn(2, 3, 5)
     stats = seqloss.smile_loss(logits, torch.full((2, 3), IGNORE), return_stats=True)
     assert stats.loss == 0 and stats.z_loss == 0 and stats.token_accuracy == 0
-    assert stats.predicted_ids.shape == (2, 3)
+    assert stats.predicted_ids.tolist() == [[IGNORE] * 3] * 2
+
+
+@pytest.mark.parametrize("path", ["logits", "linear"])
+def test_return_stats_z_loss_is_the_fp64_sum_of_zeta_lse_squared(path):
+    # The stat is the engines' own per-position ζ·lse² summed, not the difference of two fp32 totals.
+    N, V_big, zeta = 512, 3000, 1e-4
+    g = generator(21)
+    hidden = torch.randn(1, N, 32, generator=g)
+    weight = torch.randn(V_big, 32, generator=g) * 0.3
+    labels = torch.randint(V_big, (1, N), generator=g)
+    logits = (hidden @ weight.t()).detach()
+    if path == "logits":
+        stats = seqloss.cross_entropy(logits, labels, z_loss=zeta, return_stats=True)
+    else:
+        stats = seqloss.linear_loss(hidden, weight, labels, z_loss=zeta, return_stats=True)
+    want = (zeta * torch.logsumexp(logits.double(), -1) ** 2).mean()
+    assert abs(float(stats.z_loss) - float(want)) <= 1e-6 * float(want)
+
+
+def test_return_stats_reads_no_generator_twice():
+    # random_subset's draws are made once: the stats come from the same pass as the loss.
+    logits, _, _, _, labels = _inputs(22)
+    g = generator(23)
+    before = torch.default_generator.get_state()
+    seqloss.random_subset_loss(logits, labels, generator=g, z_loss=0.1, return_stats=True)
+    once = g.get_state()
+    g2 = generator(23)
+    seqloss.random_subset_loss(logits, labels, generator=g2, z_loss=0.1)
+    assert torch.equal(once, g2.get_state())
+    assert torch.equal(before, torch.default_generator.get_state())
 
 
 # --- the module, bad input ------------------------------------------------------------------------
@@ -265,15 +299,15 @@ def test_bad_peer_options_are_named(options, error, match):
 @pytest.mark.parametrize("path", ["logits", "linear"])
 def test_peer_options_compile(path, reduction):
     logits, hidden, weight, bias, labels = _inputs(14)
-    options = dict(objective=MIXTURE, softcap=3.0, z_loss=1e-2, shift=True, reduction=reduction,
-                   class_weight=torch.rand(V, generator=generator(15)))
+    options = dict(objective=MIXTURE, softcap=3.0, z_loss=1e-2, shift=True, reduction=reduction)
+    class_weight = torch.rand(V, generator=generator(15))
     if path == "logits":
         def fn(z):
-            return seqloss.objective_loss(z, labels, **options)
+            return seqloss.objective_loss(z, labels, weight=class_weight, **options)
         tensors = (logits,)
     else:
         def fn(h, w, b):
-            return seqloss.linear_loss(h, w, labels, bias=b, **options)
+            return seqloss.linear_loss(h, w, labels, bias=b, class_weight=class_weight, **options)
         tensors = (hidden, weight, bias)
     torch._dynamo.reset()
     try:

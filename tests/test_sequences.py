@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import seqloss
-from seqloss.support import PAD, example_starts, first_supervised, row_token_sets, sequences_of, shift_labels
+from seqloss.support import PAD, example_starts, first_supervised, token_sets, sequences_of, shift_labels
 from tests.conftest import IGNORE
 
 
@@ -35,7 +35,7 @@ def test_sequences_of_examples_and_turns():
     turns = sequences_of(target_mask, None, True)
     assert turns.index.tolist() == [[0, 0, 0, 1, 1, 1]] and turns.count == 2
     both = sequences_of(target_mask, starts, True)
-    assert both.index.tolist() == [[0, 0, 0, 1, 2, 2]] and both.row.tolist() == [0, 0, 0]
+    assert both.index.tolist() == [[0, 0, 0, 1, 2, 2]] and both.batch_row.tolist() == [0, 0, 0]
 
 
 def test_first_supervised_and_token_sets_per_sequence():
@@ -44,7 +44,7 @@ def test_first_supervised_and_token_sets_per_sequence():
     seqs = sequences_of(mask, example_starts(torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]])), False)
     assert first_supervised(mask, seqs).tolist() == [[True, False, False, True, False],
                                                      [False, True, False, False, True]]
-    sets = row_token_sets(labels, mask, sequences=seqs)[:, 0]
+    sets = token_sets(labels, mask, sequences=seqs)[:, 0]
     assert sets.shape[0] == 4
     assert [[i for i in row if i != PAD] for row in sets.tolist()] == [[3, 7], [3, 9], [4, 8], [1]]
 

@@ -13,7 +13,7 @@ from seqloss.support import (
     canonical_ids,
     draw_random_candidates,
     first_supervised,
-    row_token_sets,
+    token_sets,
     shift_candidates,
     shift_labels,
 )
@@ -69,7 +69,7 @@ def test_canonical_ids_keep_leading_dims():
     assert canonical_ids(torch.empty(2, 0, dtype=torch.long)).tolist() == [[PAD], [PAD]]
 
 
-# --- row_token_sets ----------------------------------------------------------------------------
+# --- token_sets ----------------------------------------------------------------------------
 
 
 @PROPERTY
@@ -77,7 +77,7 @@ def test_canonical_ids_keep_leading_dims():
 def test_no_ignored_label_leaks_into_a_row_set(batch, drop):
     labels, ignore_index = batch
     mask = labels != ignore_index
-    sets = row_token_sets(labels, mask, torch.tensor(drop, dtype=torch.long))
+    sets = token_sets(labels, mask, torch.tensor(drop, dtype=torch.long))
     assert sets.shape[:2] == (labels.shape[0], 1)
     for row, row_mask, row_set in zip(labels, mask, sets[:, 0].tolist()):
         valid = [v for v in row_set if v >= 0]
@@ -85,9 +85,9 @@ def test_no_ignored_label_leaks_into_a_row_set(batch, drop):
         assert set(valid) == set(row[row_mask].tolist()) - set(drop)
 
 
-def test_row_token_sets_example():
+def test_token_sets_example():
     labels = torch.tensor([[5, 5, IGNORE, 2], [IGNORE, IGNORE, IGNORE, IGNORE]])
-    sets = row_token_sets(labels, labels != IGNORE)
+    sets = token_sets(labels, labels != IGNORE)
     assert sets.tolist() == [[[2, 5]], [[PAD, PAD]]]
 
 
@@ -176,16 +176,16 @@ def test_support_kinds():
     assert OBJECTIVES["smile"].build(t, first_token_mle=False).full_positions is None
     reverse = OBJECTIVES["reverse_subset"].build(t, exclude_ids=(0,))
     assert isinstance(reverse, FullSupport)
-    assert reverse.exclude.tolist() == [[[0, 4, 9]], [[0, 1, 2]]]
+    assert reverse.exclude.tolist() == [[0, 4, 9], [0, 1, 2]]
     eos = OBJECTIVES["selective_eos"].build(t, eos_token_id=3)
-    assert eos.exclude.tolist() == [[[3]], [[3]]]
+    assert eos.exclude.tolist() == [[3], [3]]
     rand = OBJECTIVES["random_subset"].build(t, num_samples=3, generator=generator(0), exclude_ids=(5,))
     assert isinstance(rand, ListSupport) and rand.ids.shape[:2] == (2, 4)
     assert not (rand.ids == 5).any()
     per_row = OBJECTIVES["subset"].build(t, include=torch.tensor([[3, 3, -1], [-1, -1, -1]]))
     assert per_row.ids.tolist() == [[[3]], [[PAD]]]
     excl = OBJECTIVES["subset"].build(t, exclude=torch.tensor([[7, -1, 7], [2, 0, 2]]))
-    assert excl.exclude.tolist() == [[[7, PAD]], [[0, 2]]]
+    assert excl.exclude.tolist() == [[7, PAD], [0, 2]]
 
 
 def test_subset_per_position_candidates_shift_with_the_labels():

@@ -161,14 +161,14 @@ def test_every_impl_matches_the_spec(name, impl):
         assert out.requires_grad == grad_mode
         assert_close_fp32(out.detach(), loss)
         if grad_mode:  # torch and auto run the fused head, reference the dense spec on logits
-            fused = type(out.grad_fn).__name__.startswith(seqloss.autograd.LinearSupportCrossEntropy.__name__)
+            fused = type(out.grad_fn).__name__.startswith(seqloss.autograd.EngineFunction.__name__)
             assert fused == (impl != "reference")
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 2 positions in the full-vocabulary pass, blocks of 1 group in the list pass; counts them."""
-    calls = {"full_rows": 0, "list_rows": 0}
+    calls = {"full_support": 0, "candidate_support": 0}
 
     def counted(name):
         inner = getattr(seqloss.torch_linear, name)

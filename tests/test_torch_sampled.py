@@ -73,9 +73,9 @@ def test_the_dense_formula_is_its_definition_on_a_fixed_candidate_set(correct, h
     labels = torch.tensor([[1, IGNORE, 4, 4], [0, 8, IGNORE, 2]])
     negatives = torch.tensor([4, 4, 7, 0, 2])  # duplicates, and hits of several labels
     log_expected = torch.tensor([0.3, 0.3, -1.0, 2.0, 0.5])
-    out = reference.sampled_token_losses(logits, labels, negatives, log_expected, shift=False,
-                                         ignore_index=IGNORE, label_smoothing=smoothing,
-                                         log_q_correction=correct, remove_accidental_hits=hits)
+    out = reference.sampled_loss(logits, labels, negatives, log_expected, shift=False, ignore_index=IGNORE,
+                                 label_smoothing=smoothing, reduction="none", log_q_correction=correct,
+                                 remove_accidental_hits=hits)
     for b in range(2):
         for n in range(4):
             y = int(labels[b, n])
@@ -211,7 +211,8 @@ def test_the_module_wraps_the_function():
     (dict(num_negatives=4, share_negatives="yes"), TypeError, "share_negatives"),
     (dict(num_negatives=4, generator=0), TypeError, "generator"),
     (dict(num_negatives=4, objective="smile"), TypeError, "objective"),
-    (dict(num_negatives=4, position_ids=torch.zeros(2, 3, dtype=torch.long)), TypeError, "position_ids"),
+    (dict(num_negatives=4, turns=True), TypeError, "turns"),
+    (dict(num_negatives=4, position_ids=torch.zeros(2, 4, dtype=torch.long)), ValueError, "position_ids"),
     (dict(num_negatives=4, reduction="avg"), ValueError, "reduction"),
     (dict(num_negatives=4, impl="triton"), ValueError, "impl='triton'"),
 ])

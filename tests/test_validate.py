@@ -195,25 +195,65 @@ def test_hidden_shape_error_describes_hidden():
         seqloss.linear_loss(HIDDEN[0, 0], WEIGHT, LABELS[0, 0])
 
 
-# --- the one entry: check_call ---------------------------------------------------------------------
+# --- the three entries, and devices -------------------------------------------------------------------
 
 
-def test_labels_and_candidates_move_to_the_logits_device():
+def test_the_call_holds_new_tensors_on_the_logits_device():
     # As Hugging Face's ForCausalLMLoss does: labels may come from the data loader's device.
-    from seqloss._validate import check_call
-    logits = torch.empty(B, N, V, device="meta")
+    from seqloss._validate import check_logits_call
     include = torch.zeros(B, 3, dtype=torch.long)
-    call = check_call("subset", dict(include=include), logits=logits, labels=LABELS)
-    assert call.labels.device.type == "meta" and call.members[0][2]["include"].device.type == "meta"
-    assert LABELS.device.type == "cpu" and include.device.type == "cpu"  # the caller's tensors untouched
+    weights = torch.ones(B, N)
+    call = check_logits_call("subset", dict(include=include, token_weights=weights), LOGITS, LABELS)
+    assert call.labels.device == LOGITS.device and call.members[0].options["include"].device == LOGITS.device
+    assert call.common.token_weights.shape == (B, N)
+    assert LABELS.dtype == torch.long and include.shape == (B, 3)  # the caller's tensors untouched
+
+
+META = torch.device("meta")
+
+
+@pytest.mark.parametrize("name, call", [
+    ("logits", lambda: seqloss.cross_entropy(LOGITS.to(META), LABELS)),
+    ("labels", lambda: seqloss.cross_entropy(LOGITS, LABELS.to(META))),
+    ("position_ids", lambda: seqloss.cross_entropy(LOGITS, LABELS, position_ids=torch.zeros(B, N, dtype=torch.long,
+                                                                                            device=META))),
+    ("token_weights", lambda: seqloss.smile_loss(LOGITS, LABELS, token_weights=torch.ones(B, N, device=META))),
+    ("class weights", lambda: seqloss.cross_entropy(LOGITS, LABELS, weight=torch.ones(V, device=META))),
+    ("include", lambda: seqloss.subset_cross_entropy(LOGITS, LABELS, include=torch.zeros(B, 2, dtype=torch.long,
+                                                                                         device=META))),
+    ("hidden", lambda: seqloss.linear_loss(torch.randn(B, N, 3, device=META), torch.randn(V, 3), LABELS)),
+    ("weight", lambda: seqloss.linear_loss(torch.randn(B, N, 3), torch.randn(V, 3, device=META), LABELS)),
+    ("bias", lambda: seqloss.linear_loss(torch.randn(B, N, 3), torch.randn(V, 3), LABELS,
+                                         bias=torch.zeros(V, device=META))),
+    ("labels", lambda: seqloss.linear_loss(torch.randn(B, N, 3), torch.randn(V, 3), LABELS.to(META))),
+    ("weight", lambda: seqloss.sampled_softmax_loss(torch.randn(B, N, 3), torch.randn(V, 3, device=META), LABELS,
+                                                    num_negatives=2)),
+    ("sampler", lambda: seqloss.sampled_softmax_loss(torch.randn(B, N, 3), torch.randn(V, 3), LABELS,
+                                                     num_negatives=2, sampler=torch.ones(V, device=META))),
+])
+def test_a_tensor_on_the_wrong_device_is_named(name, call):
+    # A meta tensor stands for one on another device: a ValueError naming it, never a deep torch error.
+    with pytest.raises(ValueError, match=name):
+        call()
 
 
 def test_options_alone_are_checked_against_the_vocabulary():
-    # seqloss.hf validates at patch time, before any tensor exists.
-    from seqloss._validate import check_call
-    call = check_call({"mle": 0.1, "smile": 0.9}, dict(exclude_ids=(3,), shift=True), vocab_size=V)
-    assert call.labels is None and call.common.shift
+    # seqloss.hf validates at patch time and the modules when constructed, before any tensor exists.
+    from seqloss._validate import check_options
+    check_options({"mle": 0.1, "smile": 0.9}, dict(exclude_ids=(3,), shift=True), vocab_size=V)
     with pytest.raises(ValueError, match="exclude_ids"):
-        check_call("smile", dict(exclude_ids=(V,)), vocab_size=V)
+        check_options("smile", dict(exclude_ids=(V,)), vocab_size=V)
     with pytest.raises(TypeError, match="unexpected keyword"):
-        check_call("mle", dict(exclude_ids=(0,)))
+        check_options("mle", dict(exclude_ids=(0,)))
+
+
+@pytest.mark.parametrize("options, error, named", [
+    (dict(token_weights=torch.ones(B, N).long()), TypeError, "token_weights"),
+    (dict(token_weights=torch.ones(B, N + 1)), ValueError, "token_weights"),
+    (dict(token_weights=torch.full((B, N), -1.0)), ValueError, "token_weights"),
+    (dict(token_weights=torch.full((B, N), float("nan"))), ValueError, "token_weights"),
+    (dict(token_weights=[1.0] * N), TypeError, "token_weights"),
+])
+def test_bad_token_weights_are_named(options, error, named):
+    with pytest.raises(error, match=named):
+        seqloss.smile_loss(LOGITS, LABELS, **options)

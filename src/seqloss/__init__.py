@@ -5,9 +5,9 @@ MLE (all ids), SMILE (the ids of the row's own labels), random and reverse subse
 EOS, explicit candidates, and weighted mixtures of them. See DESIGN §1 and ``seqloss.reference``.
 """
 from . import masking
-from ._buffers import release_workspaces
+from ._buffers import kept_workspace_bytes, release_workspaces, set_workspace_budget
+from .call import LossStats
 from .functional import (
-                         LossStats,
                          cross_entropy,
                          linear_loss,
                          objective_loss,
@@ -39,5 +39,5 @@ __all__ = [
     "CrossEntropyLoss", "SmileLoss", "RandomSubsetLoss", "ReverseSubsetLoss", "SelectiveEOSLoss",
     "SubsetCrossEntropyLoss", "ObjectiveLoss", "SampledSoftmaxLoss", "LinearLoss", "LossStats", "OBJECTIVES",
     "masking",
-    "release_workspaces",
+    "release_workspaces", "set_workspace_budget", "kept_workspace_bytes",
 ]

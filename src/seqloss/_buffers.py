@@ -1,5 +1,5 @@
-"""Gradient buffers: zero tensors that are cheap to fault in, reused CPU workspaces, and the fused
-head's fp32 accumulators.
+"""Gradient buffers: zero tensors that are cheap to fault in, reused CPU workspaces (within a
+per-process byte budget), and the fused head's fp32 accumulators.
 
 Shared by the torch engines and the Triton engines (so it sits below both).
 """
@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,10 +49,13 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, huge
     return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(shape)  # keeps the map alive
 
 
-# Workspaces kept per thread for reuse (see :func:`workspace`); the least recently used beyond this
-# many are dropped (one in use stays alive with its tensors and is unmapped when they die). A fused
-# head's step keeps two (weight gradient, chunk of logits); the rest is room for other callers'.
-MAX_WORKSPACES = 8
+def _budget_from_environment() -> int:
+    """The budget in bytes: ``SEQLOSS_WORKSPACE_BYTES`` if set (0 keeps nothing), else 512 MiB."""
+    text = os.environ.get("SEQLOSS_WORKSPACE_BYTES")
+    try:
+        return max(0, int(text)) if text else 512 << 20
+    except ValueError:
+        raise ValueError(f"SEQLOSS_WORKSPACE_BYTES must be a number of bytes, got {text!r}") from None
 
 
 class _Workspace:
@@ -77,9 +82,26 @@ class _Workspace:
         return out.set_(torch.frombuffer(view, dtype=dtype)).resize_(shape)  # type: ignore[call-overload]
 
 
-class _Pool(threading.local):
+class _Pool:
+    """The workspaces kept for reuse by every thread of the process, at most ``budget`` bytes of
+    them (most recently used last). A map in use stays alive with its tensors whether or not the pool
+    keeps it; one the pool drops is unmapped when its last tensor dies."""
+
     def __init__(self) -> None:
-        self.workspaces: list[_Workspace] = []  # most recently used last
+        self.lock = threading.Lock()
+        self.workspaces: list[_Workspace] = []
+        self.budget = _budget_from_environment()
+
+    def kept_bytes(self) -> int:
+        return sum(w.nbytes for w in self.workspaces)
+
+    def keep(self, found: _Workspace) -> None:
+        """Keep ``found`` as the most recently used, dropping the least recently used over budget."""
+        if found.nbytes > self.budget:
+            return
+        self.workspaces.append(found)
+        while self.kept_bytes() > self.budget:
+            self.workspaces.pop(0)
 
 
 _POOL = _Pool()
@@ -88,35 +110,55 @@ _POOL = _Pool()
 def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, bool]:
     """A tensor for the fused head's weight gradient or scratch, and whether it is known to be zero.
 
-    On CPU (with anonymous maps) the memory is a map kept for the next call, as CUDA's caching
-    allocator keeps its blocks: a fresh map's pages are faulted in and zeroed by the kernel on first
-    touch, which, after other large allocations and frees (a training step's), costs several times
-    the fused head's arithmetic. A map is reused only when no tensor made from it is alive (a
-    gradient the caller still holds is never overwritten), and only for a request of between half
-    and all of its size; reused contents are stale (``False``), a fresh map is zero (``True``).
+    On CPU (with anonymous maps) the memory is a map that may be kept for the next call, as CUDA's
+    caching allocator keeps its blocks: a fresh map's pages are faulted in and zeroed by the kernel
+    on first touch, which, after other large allocations and frees (a training step's), costs
+    several times the fused head's arithmetic. A map is reused only when no tensor made from it is
+    alive (a gradient the caller still holds is never overwritten), and only for a request of
+    between half and all of its size; reused contents are stale (``False``), a fresh map is zero
+    (``True``). The process keeps at most :func:`set_workspace_budget` bytes of maps (512 MiB by
+    default): a larger one, such as a Llama-3-sized head's weight gradient, is never kept.
     Elsewhere (GPUs, whose allocator caches already; Windows) ``torch.empty``, stale.
-    :func:`release_workspaces` drops the kept maps.
     """
     numel = math.prod(shape)
     if device.type != "cpu" or numel == 0 or not USE_ANONYMOUS_MAPS:
         return torch.empty(shape, dtype=dtype, device=device), False
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    pool = _POOL.workspaces
-    reusable = [w for w in pool if w.free() and nbytes <= w.nbytes <= 2 * nbytes]
-    if reusable:
-        found, is_zero = min(reusable, key=lambda w: w.nbytes), False
-        pool.remove(found)
-    else:
-        found, is_zero = _Workspace(nbytes), True
-        if len(pool) >= MAX_WORKSPACES:
-            pool.pop(0)
-    pool.append(found)
-    return found.hand_out(shape, dtype, nbytes), is_zero
+    with _POOL.lock:
+        reusable = [w for w in _POOL.workspaces if w.free() and nbytes <= w.nbytes <= 2 * nbytes]
+        if reusable:
+            found, is_zero = min(reusable, key=lambda w: w.nbytes), False
+            _POOL.workspaces.remove(found)
+        else:
+            found, is_zero = _Workspace(nbytes), True
+        _POOL.keep(found)
+        return found.hand_out(shape, dtype, nbytes), is_zero
 
 
 def release_workspaces() -> None:
-    """Drop this thread's kept workspaces (their memory returns to the system once no tensor uses it)."""
-    _POOL.workspaces.clear()
+    """Drop every kept workspace, whichever thread used it (its memory returns to the system once no
+    tensor uses it)."""
+    with _POOL.lock:
+        _POOL.workspaces.clear()
+
+
+def set_workspace_budget(nbytes: int) -> int:
+    """Keep at most ``nbytes`` of CPU workspaces between fused-head calls (0: keep none; the default
+    is 512 MiB, or ``SEQLOSS_WORKSPACE_BYTES``); returns the previous budget. Kept maps over the new
+    budget are dropped at once."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
+    with _POOL.lock:
+        previous, _POOL.budget = _POOL.budget, nbytes
+        while _POOL.kept_bytes() > nbytes:
+            _POOL.workspaces.pop(0)
+    return previous
+
+
+def kept_workspace_bytes() -> int:
+    """How many bytes of CPU workspaces the process keeps now."""
+    with _POOL.lock:
+        return _POOL.kept_bytes()
 
 
 @dataclass
@@ -171,3 +213,23 @@ class Grads:
     def add_weight_rows(self, index: Tensor, rows: Tensor) -> None:
         """weight[index] += rows (fp32), repeated indices accumulating."""
         self.weight_buffer(rows.device).index_add_(0, index, rows)
+
+    def results(self, inputs: Sequence[Optional[Tensor]]) -> GradTriple:
+        """The (hidden, weight, bias) gradients, each in its input's dtype and shape (None where not
+        computed). Not a view where the shapes agree: autograd adds a tied weight's other gradient in
+        place only into a tensor that is the sole user of its memory (else a third V × H buffer)."""
+        computed = (self.hidden, self.weight if self.want_weight else None, self.bias)
+        out = [None if g is None or x is None else (g if g.shape == x.shape else g.view_as(x)).to(x.dtype)
+               for g, x in zip(computed, inputs)]
+        return out[0], out[1], out[2]
+
+
+GradTriple = tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+
+
+def in_compute_dtype(inputs: Sequence[Optional[Tensor]],
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The fused head's (hidden, weight, bias) in the dtype its matmuls run in."""
+    hidden, weight, bias = inputs
+    assert hidden is not None and weight is not None
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)

@@ -1,13 +1,17 @@
-"""Every input check, once, before any branch: :func:`check_call` is the one entry every public
-call goes through (the functions, ``linear_loss``, the modules and ``seqloss.hf``);
-``sampled_softmax_loss`` adds its own options on top of these checks in ``_validate_sampled``.
+"""Every input check, once, before any branch. Three entries, one per kind of call:
+:func:`check_logits_call` (the functions on logits and their modules), :func:`check_linear_call`
+(the fused head) and :func:`check_options` (an objective and its options alone: ``seqloss.hf`` at
+patch time, the modules when constructed). ``sampled_softmax_loss`` adds its own options on top of
+the common checks in ``_validate_sampled``.
 
 Errors name the argument: a ``TypeError`` for a wrong kind of thing, a ``ValueError`` for a wrong
-value. Checks never modify their inputs; the normalised values they return are new objects (labels
-and candidate lists moved to the logits' device, as Hugging Face's ``ForCausalLMLoss`` moves labels).
+value. Checks never modify their inputs; the normalised values they return are new objects. Tensors
+that come with the labels (labels, ``position_ids``, ``token_weights``, class weights, candidate
+lists) are moved to the scores' device, as Hugging Face's ``ForCausalLMLoss`` moves labels; the head
+(``weight``, ``bias``) must already be on the hidden states' device.
 
-Checks that read tensor values (label range, candidate ids, ``num_items_in_batch``) run in eager
-mode only: under ``torch.compile`` they would need the data on the host mid-graph, which breaks
+Checks that read tensor values (label range, candidate ids, weights, ``num_items_in_batch``) run in
+eager mode only: under ``torch.compile`` they would need the data on the host mid-graph, which breaks
 ``fullgraph=True``; shapes, dtypes and option values are still checked while tracing.
 """
 from __future__ import annotations
@@ -16,50 +20,19 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+from .call import Call, Common, Member, SoftmaxOptions
 from .support import OBJECTIVES
 
 REDUCTIONS = ("mean", "sum", "none", "sequence")
 IMPLS = ("auto", "reference", "torch", "triton")
-COMMON_DEFAULTS = dict(shift=False, ignore_index=-100, label_smoothing=0.0, reduction="mean",
-                       num_items_in_batch=None, impl="auto", position_ids=None, turns=False, softcap=None,
-                       z_loss=0.0, class_weight=None, return_stats=False)
-
-
-@dataclass(frozen=True)
-class Common:
-    shift: bool
-    ignore_index: int
-    label_smoothing: float
-    reduction: str
-    num_items_in_batch: Optional[Union[int, Tensor]]
-    impl: str
-    position_ids: Optional[Tensor] = None  # after check_call: (B, N) long on the scores' device
-    turns: bool = False
-    softcap: Optional[float] = None        # c: the logits become c·tanh(z / c) before the softmax
-    z_loss: float = 0.0                    # coefficient of lse² per supervised position
-    class_weight: Optional[Tensor] = None  # (V,) after check_call: fp32 on the scores' device
-    return_stats: bool = False
-
-
-Member = tuple[float, str, dict[str, Any]]  # (weight, objective name, its options)
-
-
-@dataclass(frozen=True)
-class Call:
-    """A validated call: options, members, and the labels (B, N) on the scores' device."""
-
-    common: Common
-    members: list[Member]
-    labels: Optional[Tensor]    # (B, N) flattened; None when only options were checked
-    lead: tuple[int, ...]       # the leading shape of the labels
-    N: int
-    vocab_size: Optional[int]
+# The common keywords, as the validator takes them (the logits functions pass weight= as class_weight).
+COMMON_KEYS = ("shift", "ignore_index", "label_smoothing", "reduction", "num_items_in_batch", "impl", "position_ids",
+               "turns", "softcap", "z_loss", "class_weight", "token_weights", "return_stats")
 
 
 def tracing() -> bool:
@@ -67,124 +40,199 @@ def tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_call(objective: Any, options: Mapping[str, Any], *, logits: Any = None, hidden: Any = None,
-               weight: Any = None, bias: Any = None, labels: Any = None,
-               vocab_size: Optional[int] = None) -> Call:
-    """The one validation entry.
-
-    * ``logits`` (..., N, V) and ``labels``: a call on logits;
-    * ``hidden`` (..., N, H), ``weight`` (V, H), ``bias`` and ``labels``: a fused-head call;
-    * neither: the objective and options alone (``seqloss.hf`` at patch time), ids checked against
-      ``vocab_size`` when given; per-call candidate lists (``include``/``exclude``) are left to the call.
-    """
-    if "weight" in options:  # the logits functions take class weights as torch does, ``weight=``
-        if "class_weight" in options:
-            raise TypeError("pass class weights once, as weight= or as class_weight=")
-        options = {("class_weight" if k == "weight" else k): v for k, v in options.items()}
-    common = check_common({k: v for k, v in options.items() if k in COMMON_DEFAULTS})
-    others = {k: v for k, v in options.items() if k not in COMMON_DEFAULTS}
-    objectives = check_objective(objective)
-    if logits is None and hidden is None:
-        if common.class_weight is not None and vocab_size is not None:
-            check_class_weight(common.class_weight, vocab_size)
-        others = {k: v for k, v in others.items() if k not in ("include", "exclude")}
-        return Call(common, route_options(objectives, others, vocab_size, None, 0), None, (), 0, vocab_size)
-    if hidden is not None:
-        check_linear(hidden, weight, bias)
-        scores, vocab, against = hidden, weight.shape[0], "hidden"
-    else:
-        check_logits(logits)
-        scores, vocab, against = logits, logits.shape[-1], "logits"
-    *lead_list, N = scores.shape[:-1]
-    lead = tuple(lead_list)
-    check_labels(labels, (*lead, N), vocab, common.ignore_index, against=against)
-    members = route_options(objectives, others, vocab, lead, N, scores.device)
-    flat = labels.to(scores.device).reshape(math.prod(lead), N)
-    if common.position_ids is not None:
-        check_position_ids(common.position_ids, tuple(labels.shape), common.reduction)
-        common = dataclasses.replace(common, position_ids=common.position_ids.to(scores.device).reshape(flat.shape))
-    if common.class_weight is not None:
-        check_class_weight(common.class_weight, vocab)
-        common = dataclasses.replace(common, class_weight=common.class_weight.to(scores.device, torch.float32))
-    return Call(common, members, flat, lead, N, vocab)
-
-
 def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# --- the three entries ---------------------------------------------------------------------------
+
+
+def check_options(objective: Any, options: Mapping[str, Any], vocab_size: Optional[int] = None) -> None:
+    """An objective and its options without tensors to score: ids checked against ``vocab_size``
+    when given; per-call candidate lists (``include``/``exclude``) are left to the call."""
+    common = check_common({k: v for k, v in options.items() if k in COMMON_KEYS})
+    if common.class_weight is not None and vocab_size is not None:
+        check_class_weight(common.class_weight, vocab_size)
+    others = {k: v for k, v in options.items() if k not in COMMON_KEYS and k not in ("include", "exclude")}
+    route_options(check_objective(objective), others, vocab_size, None, 0)
+
+
+def check_logits_call(objective: Any, options: Mapping[str, Any], logits: Any, labels: Any) -> Call:
+    """A call on logits (..., N, V) with labels (..., N)."""
+    check_scores(logits, "logits", "V")
+    return _call(objective, options, logits, logits.shape[-1], labels, "logits")
+
+
+def check_linear_call(objective: Any, options: Mapping[str, Any], hidden: Any, weight: Any, bias: Any,
+                      labels: Any) -> Call:
+    """A fused-head call: hidden (..., N, H), weight (V, H), bias (V,) or None, labels (..., N)."""
+    check_head(hidden, weight, bias)
+    return _call(objective, options, hidden, weight.shape[0], labels, "hidden")
+
+
+def _call(objective: Any, options: Mapping[str, Any], scores: Tensor, vocab: int, labels: Any, against: str) -> Call:
+    common = check_common({k: v for k, v in options.items() if k in COMMON_KEYS})
+    others = {k: v for k, v in options.items() if k not in COMMON_KEYS}
+    objectives = check_objective(objective)
+    *lead_list, N = scores.shape[:-1]
+    lead = tuple(lead_list)
+    flat = check_labels(labels, (*lead, N), vocab, common.ignore_index, scores.device, against)
+    members = route_options(objectives, others, vocab, lead, N, scores.device)
+    return Call(place_tensors(common, flat.shape, tuple(labels.shape), vocab, scores.device), members, flat, lead, N,
+                vocab)
+
+
+# --- the common keywords -------------------------------------------------------------------------
+
+
 def check_common(options: Mapping[str, Any]) -> Common:
-    c = Common(**{**COMMON_DEFAULTS, **options})
-    if not isinstance(c.shift, bool):
-        raise TypeError(f"shift must be a bool, got {type(c.shift).__name__}")
-    if not is_int(c.ignore_index):
-        raise TypeError(f"ignore_index must be an int, got {type(c.ignore_index).__name__}")
-    if not isinstance(c.label_smoothing, numbers.Real) or isinstance(c.label_smoothing, bool):
-        raise TypeError(f"label_smoothing must be a float, got {type(c.label_smoothing).__name__}")
-    if not 0.0 <= float(c.label_smoothing) < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
-    if c.reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {c.reduction!r}")
-    if c.impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {c.impl!r}")
-    if not isinstance(c.turns, bool):
-        raise TypeError(f"turns must be a bool, got {type(c.turns).__name__}")
-    if c.position_ids is not None and not isinstance(c.position_ids, Tensor):
-        raise TypeError(f"position_ids must be a torch.Tensor or None, got {type(c.position_ids).__name__}")
-    if not isinstance(c.return_stats, bool):
-        raise TypeError(f"return_stats must be a bool, got {type(c.return_stats).__name__}")
-    if c.softcap is not None:
-        if not isinstance(c.softcap, numbers.Real) or isinstance(c.softcap, bool):
-            raise TypeError(f"softcap must be a positive number or None, got {type(c.softcap).__name__}")
-        if not (math.isfinite(c.softcap) and c.softcap > 0):
-            raise ValueError(f"softcap must be a positive finite number, got {c.softcap}")
-    if not isinstance(c.z_loss, numbers.Real) or isinstance(c.z_loss, bool):
-        raise TypeError(f"z_loss must be a float, got {type(c.z_loss).__name__}")
-    if not (math.isfinite(c.z_loss) and c.z_loss >= 0):
-        raise ValueError(f"z_loss must be a finite coefficient >= 0, got {c.z_loss}")
+    """The common keywords → :class:`Common` (tensors still as given: see :func:`place_tensors`)."""
+    o = dict(options)
+    shift, turns, return_stats = o.get("shift", False), o.get("turns", False), o.get("return_stats", False)
+    for name, value in (("shift", shift), ("turns", turns), ("return_stats", return_stats)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    ignore_index = o.get("ignore_index", -100)
+    if not is_int(ignore_index):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    reduction, impl = o.get("reduction", "mean"), o.get("impl", "auto")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    for name in ("position_ids", "class_weight", "token_weights"):
+        if o.get(name) is not None and not isinstance(o[name], Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(o[name]).__name__}")
+    softmax = check_softmax(o.get("label_smoothing", 0.0), o.get("z_loss", 0.0), o.get("softcap"))
+    if o.get("class_weight") is not None and softmax.label_smoothing > 0:
+        raise ValueError("class weights with label_smoothing > 0 are not supported (torch weights the "
+                         "smoothing term per class, over the whole vocabulary, which subsets do not have)")
+    return Common(shift=shift, ignore_index=int(ignore_index), reduction=reduction,
+                  num_items_in_batch=check_num_items(o.get("num_items_in_batch")), impl=impl,
+                  position_ids=o.get("position_ids"), turns=turns, class_weight=o.get("class_weight"),
+                  token_weights=o.get("token_weights"), return_stats=return_stats, softmax=softmax)
+
+
+def check_softmax(label_smoothing: Any, z_loss: Any, softcap: Any) -> SoftmaxOptions:
+    if not is_real(label_smoothing):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if not is_real(z_loss):
+        raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
+    if not (math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"z_loss must be a finite coefficient >= 0, got {z_loss}")
+    if softcap is not None:
+        if not is_real(softcap):
+            raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be a positive finite number, got {softcap}")
+    return SoftmaxOptions(float(label_smoothing), float(z_loss), 0.0 if softcap is None else float(softcap))
+
+
+def check_num_items(k: Any) -> Any:
+    if k is None:
+        return None
+    if isinstance(k, Tensor):
+        if k.numel() != 1:
+            raise ValueError("num_items_in_batch must be a single positive number")
+        if tracing():
+            return k
+        if k.is_floating_point() and not torch.isfinite(k).all():
+            raise ValueError("num_items_in_batch must be a single positive number")
+        value = k.item()
+    elif is_real(k):
+        value = k
+    else:
+        raise TypeError(f"num_items_in_batch must be an int or a tensor, got {type(k).__name__}")
+    if not value > 0:
+        raise ValueError(f"num_items_in_batch must be > 0, got {value}")
+    return k
+
+
+def place_tensors(c: Common, flat: torch.Size, labels_shape: tuple[int, ...], vocab: int,
+                  device: torch.device) -> Common:
+    """The per-call tensors of ``c`` checked against the labels, moved to ``device`` and flattened
+    like the labels (B, N); class weights fp32."""
+    changes: dict[str, Any] = {}
+    if c.position_ids is not None:
+        ids = c.position_ids
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"position_ids must hold integer positions (torch.long), got {ids.dtype}")
+        _check_shape(ids, "position_ids", labels_shape)
+        if tracing() and c.reduction == "sequence":
+            raise ValueError("reduction='sequence' with position_ids returns one sum per packed example, a "
+                             "data-dependent shape that torch.compile cannot trace; use reduction='none'")
+        ids = moved(ids, "position_ids", device)
+        if not tracing() and bool((ids < 0).any()):
+            raise ValueError(f"position_ids must be >= 0 (0 marks where a packed example starts), "
+                             f"found {int(ids.min())}")
+        changes["position_ids"] = ids.reshape(flat)
+    if c.token_weights is not None:
+        weights = c.token_weights
+        if not weights.is_floating_point():
+            raise TypeError(f"token_weights must be floating point, one weight per label, got {weights.dtype}")
+        _check_shape(weights, "token_weights", labels_shape)
+        weights = moved(weights, "token_weights", device).float()
+        if not tracing() and (not bool(torch.isfinite(weights).all()) or bool((weights < 0).any())):
+            raise ValueError("token_weights must be finite and >= 0")
+        changes["token_weights"] = weights.reshape(flat)
     if c.class_weight is not None:
-        if not isinstance(c.class_weight, Tensor):
-            raise TypeError(f"class weights must be a torch.Tensor or None, got {type(c.class_weight).__name__}")
-        if float(c.label_smoothing) > 0:
-            raise ValueError("class weights with label_smoothing > 0 are not supported (torch weights the "
-                             "smoothing term per class, over the whole vocabulary, which subsets do not have)")
-    k = c.num_items_in_batch
-    if k is not None:
-        if isinstance(k, Tensor):
-            if k.numel() != 1:
-                raise ValueError("num_items_in_batch must be a single positive number")
-            if tracing():
-                return c
-            if k.is_floating_point() and not torch.isfinite(k).all():
-                raise ValueError("num_items_in_batch must be a single positive number")
-            value = k.item()
-        elif isinstance(k, numbers.Real) and not isinstance(k, bool):
-            value = k
-        else:
-            raise TypeError(f"num_items_in_batch must be an int or a tensor, got {type(k).__name__}")
-        if not value > 0:
-            raise ValueError(f"num_items_in_batch must be > 0, got {value}")
-    return c
+        check_class_weight(c.class_weight, vocab)
+        changes["class_weight"] = moved(c.class_weight, "class weights", device).float()
+    return dataclasses.replace(c, **changes)
 
 
-def check_logits(logits: Any, name: str = "logits", last: str = "V") -> None:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point():
-        raise TypeError(f"{name} must be floating point (fp32, bf16 or fp16), got {logits.dtype}")
-    if logits.dim() < 2:
-        raise ValueError(f"{name} must have shape (..., N, {last}), got {tuple(logits.shape)}")
-    if logits.shape[-1] < 1:
-        raise ValueError(f"{name} must have a last dimension {last} >= 1, got {tuple(logits.shape)}")
+def _check_shape(tensor: Tensor, name: str, labels_shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != labels_shape:
+        raise ValueError(f"{name} shape {tuple(tensor.shape)} does not match the labels' {labels_shape}")
 
 
-def check_linear(hidden: Any, weight: Any, bias: Any) -> None:
-    """The fused head: hidden (..., N, H), weight (V, H), bias (V,) or None, floating point.
+def moved(tensor: Tensor, name: str, device: torch.device) -> Tensor:
+    """A tensor that comes with the labels, on the scores' device (a copy if it was elsewhere)."""
+    if tensor.device.type == "meta" and device.type != "meta":
+        raise ValueError(f"{name} is on the meta device (it holds no values); pass it on {device}")
+    return tensor.to(device)
+
+
+def check_class_weight(weight: Tensor, vocab_size: int) -> None:
+    """Class weights: (V,) floating point, finite, >= 0 (torch's ``cross_entropy(weight=...)``)."""
+    if not weight.is_floating_point() or tuple(weight.shape) != (vocab_size,):
+        raise ValueError(f"class weights must be a floating-point tensor of shape ({vocab_size},), one per id, "
+                         f"got {weight.dtype} {tuple(weight.shape)}")
+    if weight.device.type != "meta" and not tracing() and (
+            not bool(torch.isfinite(weight).all()) or bool((weight < 0).any())):
+        raise ValueError("class weights must be finite and >= 0")
+
+
+# --- the tensors a call scores ---------------------------------------------------------------------
+
+
+def check_scores(scores: Any, name: str, last: str) -> None:
+    """Logits (..., N, V) or hidden states (..., N, H): a floating-point tensor with values."""
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise TypeError(f"{name} must be floating point (fp32, bf16 or fp16), got {scores.dtype}")
+    if scores.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., N, {last}), got {tuple(scores.shape)}")
+    if scores.shape[-1] < 1:
+        raise ValueError(f"{name} must have a last dimension {last} >= 1, got {tuple(scores.shape)}")
+    if scores.device.type == "meta":
+        raise ValueError(f"{name} are on the meta device: they hold no values to compute a loss from")
+
+
+def check_head(hidden: Any, weight: Any, bias: Any) -> None:
+    """The fused head: hidden (..., N, H), weight (V, H), bias (V,) or None, floating point, on one device.
 
     Dtypes may differ (a bf16 hidden with an fp32 weight, the usual mixed-precision set-up): the
     head then runs in autocast's dtype under autocast, else in the widest of the three.
     """
-    check_logits(hidden, "hidden", last="H")
+    check_scores(hidden, "hidden", "H")
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
@@ -196,6 +244,9 @@ def check_linear(hidden: Any, weight: Any, bias: Any) -> None:
         raise ValueError("weight must have at least one row (V >= 1)")
     if not weight.is_floating_point():
         raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}: the head must be on "
+                         f"the hidden states' device")
     if bias is not None:
         if not isinstance(bias, Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
@@ -203,10 +254,14 @@ def check_linear(hidden: Any, weight: Any, bias: Any) -> None:
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if not bias.is_floating_point():
             raise TypeError(f"bias must be floating point, got {bias.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}: the head must be on "
+                             f"the hidden states' device")
 
 
 def check_labels(labels: Any, expected_shape: Sequence[int], vocab_size: int, ignore_index: int,
-                 against: str = "logits") -> None:
+                 device: torch.device, against: str = "logits") -> Tensor:
+    """Integer labels of the expected shape in [0, V) or ``ignore_index`` → (B, N) on ``device``."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -214,37 +269,16 @@ def check_labels(labels: Any, expected_shape: Sequence[int], vocab_size: int, ig
     if tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match {against}: expected "
                          f"{tuple(expected_shape)}")
-    if tracing():
-        return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if bool(bad.any()):
-        value = int(labels[bad].flatten()[0])
-        raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; found {value}")
+    labels = moved(labels, "labels", device)
+    if not tracing():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+        if bool(bad.any()):
+            value = int(labels[bad].flatten()[0])
+            raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; found {value}")
+    return labels.reshape(math.prod(expected_shape[:-1]), expected_shape[-1])
 
 
-def check_position_ids(position_ids: Tensor, labels_shape: tuple[int, ...], reduction: str) -> None:
-    """Hugging Face's padding-free ``position_ids``: integer, the labels' shape, >= 0 (0 = an example starts)."""
-    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
-        raise TypeError(f"position_ids must hold integer positions (torch.long), got {position_ids.dtype}")
-    if tuple(position_ids.shape) != labels_shape:
-        raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match the labels' {labels_shape}")
-    if tracing():
-        if reduction == "sequence":
-            raise ValueError("reduction='sequence' with position_ids returns one sum per packed example, a "
-                             "data-dependent shape that torch.compile cannot trace; use reduction='none'")
-        return
-    if bool((position_ids < 0).any()):
-        raise ValueError(f"position_ids must be >= 0 (0 marks where a packed example starts), "
-                         f"found {int(position_ids.min())}")
-
-
-def check_class_weight(weight: Tensor, vocab_size: int) -> None:
-    """Class weights: (V,) floating point, finite, >= 0 (torch's ``cross_entropy(weight=...)``)."""
-    if not weight.is_floating_point() or tuple(weight.shape) != (vocab_size,):
-        raise ValueError(f"class weights must be a floating-point tensor of shape ({vocab_size},), one per id, "
-                         f"got {weight.dtype} {tuple(weight.shape)}")
-    if not tracing() and (not bool(torch.isfinite(weight).all()) or bool((weight < 0).any())):
-        raise ValueError("class weights must be finite and >= 0")
+# --- objectives and their own options ----------------------------------------------------------------
 
 
 def check_ids(ids: Any, name: str, vocab_size: Optional[int]) -> tuple[int, ...]:
@@ -273,12 +307,11 @@ def _check_candidates(value: Any, name: str, lead: tuple[int, ...], N: int, voca
         want = "(..., K) per row" + (" or (..., N, K) per label position" if per_position else "")
         raise ValueError(f"{name} must have shape {want} with the labels' leading shape {lead}, "
                          f"got {tuple(value.shape)}")
+    value = moved(value, name, device)
     if not tracing() and bool((value >= vocab_size).any()):
         raise ValueError(f"{name} ids must be < {vocab_size} (negative entries are padding), "
                          f"found {int(value.max())}")
-    B = math.prod(lead)
-    K = value.shape[-1]
-    value = value.to(device)
+    B, K = math.prod(lead), value.shape[-1]
     return value.reshape(B, K) if value.dim() == len(lead) + 1 else value.reshape(B, N, K)
 
 
@@ -296,7 +329,7 @@ def check_objective(objective: Any) -> list[tuple[float, str]]:
     for name, weight in members.items():
         if name not in OBJECTIVES:
             raise ValueError(f"unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
-        if not isinstance(weight, numbers.Real) or isinstance(weight, bool):
+        if not is_real(weight):
             raise TypeError(f"objective weight for {name!r} must be a number, got {type(weight).__name__}")
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"objective weight for {name!r} must be finite and >= 0, got {weight}")
@@ -340,7 +373,8 @@ def check_member_options(name: str, options: dict[str, Any], vocab_size: Optiona
 
 
 def route_options(objectives: list[tuple[float, str]], options: dict[str, Any], vocab_size: Optional[int],
-                  lead: Optional[tuple[int, ...]], N: int, device: Optional[torch.device] = None) -> list[Member]:
+                  lead: Optional[tuple[int, ...]], N: int,
+                  device: Optional[torch.device] = None) -> tuple[Member, ...]:
     """Give each member of a mixture the options it accepts; an option nobody accepts is an error."""
     unused = set(options)
     members = []
@@ -348,9 +382,9 @@ def route_options(objectives: list[tuple[float, str]], options: dict[str, Any], 
         accepted = OBJECTIVES[name].options
         mine = {k: v for k, v in options.items() if k in accepted}
         unused -= set(mine)
-        members.append((weight, name, check_member_options(name, mine, vocab_size, lead, N, device)))
+        members.append(Member(weight, name, check_member_options(name, mine, vocab_size, lead, N, device)))
     if unused:
         names = ", ".join(sorted(unused))
         raise TypeError(f"unexpected keyword argument(s) {names} for objective "
                         f"{'+'.join(n for _, n in objectives)}")
-    return members
+    return tuple(members)

@@ -3,37 +3,46 @@ shared checks of ``_validate``: same promises, errors that name the argument, va
 mode only."""
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
-from ._validate import Common, check_common, check_labels, check_linear, is_int, tracing
+from ._validate import check_common, check_head, check_labels, is_int, place_tensors, tracing
+from .call import Common, SampledCall
 
 SAMPLER_NAMES = ("uniform", "log_uniform", "in_batch")
-# The common keywords sampled softmax takes (packing and turns change nothing for a loss without
-# per-row sets, except the shift across packed examples, which it does not implement).
-SAMPLED_COMMON = ("shift", "ignore_index", "label_smoothing", "reduction", "num_items_in_batch", "impl")
+# The common keywords sampled softmax takes: those that mean something for a loss without per-row
+# sets (packed examples only stop the shift at their ends).
+SAMPLED_COMMON = ("shift", "ignore_index", "label_smoothing", "reduction", "num_items_in_batch", "impl",
+                  "position_ids", "token_weights")
 
 
-@dataclass(frozen=True)
-class SampledCall:
-    """A validated ``sampled_softmax_loss`` call; labels (B, N) on the hidden states' device."""
+OWN = ("sampler", "log_q_correction", "remove_accidental_hits", "share_negatives", "generator")
 
-    common: Common
-    labels: Tensor
-    lead: tuple[int, ...]
-    N: int
-    vocab_size: int
-    num_negatives: int
-    sampler: Union[str, Tensor]   # a name, or (V,) float64 weights on the hidden states' device
-    log_q_correction: bool
-    remove_accidental_hits: bool
-    share_negatives: bool
-    generator: Optional[torch.Generator]
+
+def check_sampled_options(num_negatives: Any, options: Mapping[str, Any]) -> Common:
+    """The options of a sampled-softmax call without its tensors (``SampledSoftmaxLoss`` checks them
+    when constructed): ``num_negatives``, the common keywords and the sampler's own."""
+    unknown = sorted(set(options) - set(SAMPLED_COMMON) - set(OWN))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)} for sampled_softmax_loss; "
+                        f"it takes {', '.join(SAMPLED_COMMON + OWN)} besides num_negatives")
+    if not is_int(num_negatives):
+        raise TypeError(f"num_negatives must be an int, got {type(num_negatives).__name__}")
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+    for name in ("log_q_correction", "remove_accidental_hits", "share_negatives"):
+        if name in options and not isinstance(options[name], bool):
+            raise TypeError(f"{name} must be a bool, got {type(options[name]).__name__}")
+    generator = options.get("generator")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    sampler = options.get("sampler", "uniform")
+    if isinstance(sampler, str) and sampler not in SAMPLER_NAMES:
+        raise ValueError(f"sampler must be one of {SAMPLER_NAMES} or a (V,) tensor of weights, got {sampler!r}")
+    return check_common({k: v for k, v in options.items() if k in SAMPLED_COMMON})
 
 
 def check_sampled_call(hidden: Any, weight: Any, labels: Any, *, num_negatives: Any, sampler: Any,
@@ -41,43 +50,37 @@ def check_sampled_call(hidden: Any, weight: Any, labels: Any, *, num_negatives: 
                        generator: Any, options: Mapping[str, Any]) -> SampledCall:
     """The checks of ``sampled_softmax_loss``: the fused head's tensors, the common options and the
     sampler's own (a name, or (V,) non-negative finite weights with a positive sum)."""
-    unknown = sorted(set(options) - set(SAMPLED_COMMON))
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)} for sampled_softmax_loss; "
-                        f"it takes {', '.join(SAMPLED_COMMON)} besides its own")
-    common = check_common(options)
-    check_linear(hidden, weight, None)
+    if any(key in OWN for key in options):
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(k for k in options if k in OWN)}")
+    common = check_sampled_options(num_negatives, {**options, "log_q_correction": log_q_correction,
+                                                   "remove_accidental_hits": remove_accidental_hits,
+                                                   "share_negatives": share_negatives, "generator": generator})
+    check_head(hidden, weight, None)
     *lead_list, N = hidden.shape[:-1]
     lead = tuple(lead_list)
     V = weight.shape[0]
-    check_labels(labels, (*lead, N), V, common.ignore_index, against="hidden")
-    if not is_int(num_negatives):
-        raise TypeError(f"num_negatives must be an int, got {type(num_negatives).__name__}")
-    if num_negatives < 1:
-        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
-    for name, value in (("log_q_correction", log_q_correction), ("remove_accidental_hits", remove_accidental_hits),
-                        ("share_negatives", share_negatives)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    checked_sampler: Union[str, Tensor]
+    flat = check_labels(labels, (*lead, N), V, common.ignore_index, hidden.device, against="hidden")
+    common = place_tensors(common, flat.shape, tuple(labels.shape), V, hidden.device)
+    return SampledCall(common, flat, lead, N, V, int(num_negatives), _check_sampler(sampler, V, hidden.device),
+                       log_q_correction, remove_accidental_hits, share_negatives, generator)
+
+
+def _check_sampler(sampler: Any, V: int, device: torch.device) -> Union[str, Tensor]:
     if isinstance(sampler, str):
         if sampler not in SAMPLER_NAMES:
             raise ValueError(f"sampler must be one of {SAMPLER_NAMES} or a (V,) tensor of weights, got {sampler!r}")
-        checked_sampler = sampler
-    elif isinstance(sampler, Tensor):
-        if sampler.is_complex() or sampler.dtype == torch.bool or tuple(sampler.shape) != (V,):
-            raise ValueError(f"sampler weights must be a real tensor of shape ({V},) (one per row of weight; "
-                             f"item counts are fine), got {sampler.dtype} {tuple(sampler.shape)}")
-        checked_sampler = sampler.to(device=hidden.device, dtype=torch.float64)
-        if not tracing():
-            if not bool(torch.isfinite(checked_sampler).all()) or bool((checked_sampler < 0).any()):
-                raise ValueError("sampler weights must be finite and >= 0")
-            if not float(checked_sampler.sum()) > 0:
-                raise ValueError("sampler weights must have a positive sum")
-    else:
+        return sampler
+    if not isinstance(sampler, Tensor):
         raise TypeError(f"sampler must be a name or a (V,) tensor of weights, got {type(sampler).__name__}")
-    flat = labels.to(hidden.device).reshape(math.prod(lead), N)
-    return SampledCall(common, flat, lead, N, V, int(num_negatives), checked_sampler, log_q_correction,
-                       remove_accidental_hits, share_negatives, generator)
+    if sampler.is_complex() or sampler.dtype == torch.bool or tuple(sampler.shape) != (V,):
+        raise ValueError(f"sampler weights must be a real tensor of shape ({V},) (one per row of weight; "
+                         f"item counts are fine), got {sampler.dtype} {tuple(sampler.shape)}")
+    if sampler.device.type == "meta":
+        raise ValueError(f"sampler is on the meta device (it holds no values); pass it on {device}")
+    checked = sampler.to(device=device, dtype=torch.float64)
+    if not tracing():
+        if not bool(torch.isfinite(checked).all()) or bool((checked < 0).any()):
+            raise ValueError("sampler weights must be finite and >= 0")
+        if not float(checked.sum()) > 0:
+            raise ValueError("sampler weights must have a positive sum")
+    return checked

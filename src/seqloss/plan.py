@@ -1,49 +1,144 @@
-"""The plan every engine walks: validated labels → shifted targets, support parts, position weights.
+"""The plan every engine walks, and the engines' contract.
 
-A plan holds no objective names: each member of an objective (or mixture) has become one or two
-*support parts* — positions that score every id but an exclusion list (a full part), or the label
-plus a candidate list (a list part). Engines, torch or Triton, only ever see parts.
+A validated call becomes a plan: the shifted labels, each position's weight in the output, and the
+objective as *support parts* — positions that score every id but an exclusion list (a full part),
+or the label plus a candidate list (a list part). A plan holds no objective names and no option
+names beyond what the math reads (``softmax``): engines, torch or Triton, only ever see parts.
+
+The plan is also the one value that crosses the custom-op boundary under ``torch.compile``:
+:meth:`Plan.arguments` and :meth:`Plan.from_arguments` are the one place that flattens it into the
+lists a custom op takes, and rebuilds it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from ._validate import Common, Member
-from .support import OBJECTIVES, FullSupport, ListSupport, Targets, example_starts, sequences_of, shift_labels
+from ._buffers import GradTriple
+from .call import Call, Common, SampledCall, SoftmaxOptions
+from .support import OBJECTIVES, FullSupport, ListSupport, Targets, shift_values, targets_of
+
+Inputs = tuple[Tensor, Optional[Tensor], Optional[Tensor]]  # logits; or hidden, weight, bias
+Need = tuple[bool, bool, bool]                              # which inputs want a gradient
+Arguments = tuple[list[Optional[Tensor]], list[float]]      # a plan as custom-op arguments
 
 
 class SupportPart(NamedTuple):
-    """One part of a member's support over some positions (B, N): a full part (``ids`` None: every
-    id but ``exclude``) or a list part (the label plus ``ids``)."""
+    """One part of a member's support over some positions: a full part (``ids`` None: every id but
+    ``exclude`` (L, K), one list per sequence) or a list part (the label plus ``ids`` (L, 1, K) per
+    sequence or (B, N, K) per position)."""
 
     alpha: float
     exclude: Optional[Tensor]
     ids: Optional[Tensor]
-    positions: Tensor
+    positions: Tensor  # (B, N) bool
 
 
 @dataclass
 class Plan:
-    """What an engine needs, built once per call from validated inputs."""
+    """What an engine needs to score an objective, built once per call from validated inputs."""
 
     labels: Tensor            # (B, N) long, 0 where there is no target (safe to gather)
-    coef: Tensor              # (B, N) fp32 weight of each position in a scalar output (0 = no target)
+    target_mask: Tensor       # (B, N) bool, True = has a target
+    coef: Tensor              # (B, N) fp32 weight of each position's loss in the output (0 = no target)
     parts: list[SupportPart]  # every member's parts, in order
-    label_smoothing: float
-    scalar: bool              # output Σ coef·loss (mean / sum) instead of per-position losses
-    # (B, N) long: the list of each position in a part's (S, 1, K) ids or exclusions, when
-    # sequences are not rows (packed examples, turns); None: the list of row b is ids[b].
-    sequence: Optional[Tensor] = None
-    z_loss: float = 0.0               # coefficient of lse² per position (rows.py)
-    softcap: Optional[float] = None   # cap each logit c·tanh(z / c) as the engine reads or makes it
+    # (B, N) long: the list of each position among a part's per-sequence lists, when sequences are
+    # not rows (packed examples, turns); None: the list of row b is list b.
+    sequence: Optional[Tensor]
+    softmax: SoftmaxOptions
+    scalar: bool              # the output is Σ coef·loss (mean / sum), else coef·loss per position
+    stats: bool = False       # also hand back each position's z-loss term and argmax (return_stats)
 
     def list_of(self, b: Tensor, n: Tensor) -> Tensor:
-        """Which of a part's (B or S, 1, K) lists the positions (b, n) use."""
+        """Which of a part's per-sequence lists the positions (b, n) use."""
         return b if self.sequence is None else self.sequence[b, n]
+
+    def arguments(self) -> Arguments:
+        tensors = [self.labels, self.target_mask, self.coef, self.sequence]
+        scalars = [float(self.scalar), float(self.stats), *self.softmax]
+        for part in self.parts:
+            tensors += [part.exclude, part.ids, part.positions]
+            scalars.append(part.alpha)
+        return tensors, scalars
+
+    @classmethod
+    def from_arguments(cls, tensors: Sequence[Optional[Tensor]], scalars: Sequence[float]) -> Plan:
+        labels, target_mask, coef, sequence = tensors[:4]
+        assert labels is not None and target_mask is not None and coef is not None
+        parts = [SupportPart(alpha, tensors[4 + 3 * i], tensors[5 + 3 * i], tensors[6 + 3 * i])  # type: ignore[arg-type]
+                 for i, alpha in enumerate(scalars[5:])]
+        return cls(labels, target_mask, coef, parts, sequence, SoftmaxOptions(*scalars[2:5]), bool(scalars[0]),
+                   bool(scalars[1]))
+
+
+@dataclass
+class SampledPlan:
+    """What the sampled-softmax engine needs: the targets, their weights and the drawn negatives."""
+
+    labels: Tensor              # (B, N) long, 0 where there is no target
+    target_mask: Tensor         # (B, N) bool
+    coef: Tensor                # (B, N) fp32
+    negatives: Tensor           # (K,) shared by every position, or (B·N, K) one set per position
+    lowering: Optional[Tensor]  # log(K·q) of each draw (the log-Q correction), or None
+    softmax: SoftmaxOptions
+    remove_accidental_hits: bool
+    scalar: bool
+    stats: bool = False
+
+    def arguments(self) -> Arguments:
+        return ([self.labels, self.target_mask, self.coef, self.negatives, self.lowering],
+                [float(self.scalar), float(self.remove_accidental_hits), *self.softmax])
+
+    @classmethod
+    def from_arguments(cls, tensors: Sequence[Optional[Tensor]], scalars: Sequence[float]) -> SampledPlan:
+        labels, target_mask, coef, negatives, lowering = tensors
+        assert labels is not None and target_mask is not None and coef is not None and negatives is not None
+        return cls(labels, target_mask, coef, negatives, lowering, SoftmaxOptions(*scalars[2:]), bool(scalars[1]),
+                   bool(scalars[0]))
+
+
+class EngineOutput(NamedTuple):
+    """What an engine's forward hands back: per-position losses (B, N) fp32 (unweighted, 0 off
+    target), the gradients of Σ coef·loss when it made them in forward (None each otherwise), and
+    with ``plan.stats`` each position's z-loss term (B, N) and argmax over the vocabulary (B, N)."""
+
+    loss: Tensor
+    grads: GradTriple = (None, None, None)
+    z_part: Optional[Tensor] = None
+    predicted: Optional[Tensor] = None
+
+
+class Engine(NamedTuple):
+    """An engine: ``forward(inputs, plan, need, dtype) → EngineOutput``, computing the gradients
+    ``need`` asks for (all False: none); ``backward(inputs, plan, weights (B, N), need, dtype)`` →
+    the gradients of Σ weights·loss (recomputed), for outputs whose gradients forward cannot make.
+    ``rowwise``: each gradient row belongs to one position (the logits'), so gradients made in
+    forward also serve per-position outputs, scaled row by row."""
+
+    forward: Callable[..., EngineOutput]
+    backward: Optional[Callable[..., GradTriple]]
+    rowwise: bool
+
+
+def grads_in_forward(engine: Engine, plan: Plan | SampledPlan) -> bool:
+    """Whether forward makes the gradients (then backward only scales them)."""
+    return plan.scalar or engine.rowwise
+
+
+class Result(NamedTuple):
+    """A runner's output before the final reduction: the loss (a scalar, or (B, N) weighted per
+    position), its z-loss part alike, and the argmax ids (B, N) (valid at supervised positions)."""
+
+    loss: Tensor
+    z_loss: Tensor
+    predicted: Tensor
+
+
+# --- helpers the engines share ------------------------------------------------------------------------
 
 
 def sequence_groups(sequence: Tensor, positions: Tensor, count: int) -> Tensor:
@@ -66,50 +161,39 @@ def mostly(positions: Tensor) -> bool:
     return 2 * int(positions.sum()) >= positions.numel()
 
 
-def position_weights(target_mask: Tensor, c: Common, labels: Optional[Tensor] = None) -> Tensor:
-    """(B, N) fp32 weight of each position's loss in a scalar output (mean divides by the count).
+# --- plans from calls ------------------------------------------------------------------------------------
 
-    With class weights (and the shifted ``labels``), a position weighs the weight of its label's
-    class and the mean divides by their sum, as ``F.cross_entropy(weight=...)`` does (per-position
-    outputs are weighted after the engines, by the dispatch)."""
-    weights = target_mask.float()
-    if c.class_weight is not None and labels is not None and c.reduction in ("mean", "sum"):
-        weights = weights * label_weights(labels, target_mask, c.class_weight)
+
+def position_weights(t: Targets, c: Common) -> Tensor:
+    """(B, N) fp32 weight of each position's loss in the output: 1 where there is a target, times
+    its label's class weight (``F.cross_entropy(weight=...)``) and its own token weight (given in
+    the labels' layout, so shifted with them); for ``"mean"`` divided by ``num_items_in_batch``, or
+    by the sum of the weights (1 when it is 0: nothing supervised gives 0, not NaN)."""
+    weights = t.target_mask.float()
+    if c.class_weight is not None:
+        weights = weights * c.class_weight[torch.where(t.target_mask, t.labels, 0)]
+    if c.token_weights is not None:
+        weights = weights * (shift_values(c.token_weights, 0.0) if c.shift else c.token_weights)
     if c.reduction != "mean":
         return weights
     if c.num_items_in_batch is not None:
         denominator = torch.as_tensor(c.num_items_in_batch, dtype=torch.float32, device=weights.device)
     else:
-        total = weights.sum()  # class weights may sum below 1: divide by that sum, as torch does
-        denominator = torch.where(total > 0, total, torch.ones_like(total))  # nothing supervised → 0, not NaN
+        total = weights.sum()
+        denominator = torch.where(total > 0, total, torch.ones_like(total))
     return weights / denominator
 
 
-def label_weights(labels: Tensor, target_mask: Tensor, class_weight: Tensor) -> Tensor:
-    """(B, N) fp32: the class weight of each position's label (0 where there is no target)."""
-    return torch.where(target_mask, class_weight[torch.where(target_mask, labels, 0)], 0.0)
-
-
-def targets_of(labels: Tensor, c: Common, vocab_size: int) -> Targets:
-    """Unshifted labels (B, N) → the shifted targets every support rule reads, with their
-    sequences (packed examples from ``c.position_ids`` (B, N), turns)."""
-    starts = None if c.position_ids is None else example_starts(c.position_ids)
-    shifted = shift_labels(labels.long(), c.shift, c.ignore_index, starts)
-    target_mask = shifted != c.ignore_index
-    return Targets(shifted, target_mask, vocab_size, c.shift, sequences_of(target_mask, starts, c.turns))
-
-
-def support_parts(members: list[tuple], target_mask: Tensor) -> list[SupportPart]:
+def support_parts(supports: list[tuple[float, FullSupport | ListSupport]], target_mask: Tensor) -> list[SupportPart]:
     """[(weight, support)] → parts, in order: the one place that splits SMILE's first tokens (all V
     ids) from its list positions."""
     parts = []
-    for alpha, support in members:
+    for alpha, support in supports:
         if alpha == 0:
             continue
         if isinstance(support, FullSupport):
             parts.append(SupportPart(alpha, support.exclude, None, target_mask))
             continue
-        assert isinstance(support, ListSupport)
         list_positions = target_mask
         if support.full_positions is not None:
             full_positions = support.full_positions & target_mask
@@ -119,12 +203,22 @@ def support_parts(members: list[tuple], target_mask: Tensor) -> list[SupportPart
     return parts
 
 
-def plan_of(targets: Targets, members: list[Member], c: Common) -> Plan:
-    """The support rules of the members (random draws happen here) and the position weights."""
-    supports = [(w, OBJECTIVES[name].build(targets, **opts)) for w, name, opts in members]
-    safe = torch.where(targets.target_mask, targets.labels, 0)
-    sequence = None if targets.sequences is None else targets.sequences.index
-    coef = position_weights(targets.target_mask, c, targets.labels)
-    return Plan(safe, coef, support_parts(supports, targets.target_mask), float(c.label_smoothing),
-                scalar=c.reduction in ("mean", "sum"), sequence=sequence, z_loss=float(c.z_loss),
-                softcap=None if c.softcap is None else float(c.softcap))
+def plan_of(call: Call) -> Plan:
+    """The support rules of the call's members (random draws happen here) and the position weights."""
+    c = call.common
+    t = targets_of(call.labels, c, call.vocab_size)
+    supports = [(m.weight, OBJECTIVES[m.name].build(t, **m.options)) for m in call.members]
+    return Plan(torch.where(t.target_mask, t.labels, 0), t.target_mask, position_weights(t, c),
+                support_parts(supports, t.target_mask), None if t.sequences is None else t.sequences.index,
+                c.softmax, scalar=c.reduction in ("mean", "sum"), stats=c.return_stats)
+
+
+def sampled_plan_of(call: SampledCall) -> SampledPlan:
+    """The targets, weights and drawn negatives (``call.negatives``) of a sampled-softmax call."""
+    c = call.common
+    t = targets_of(call.labels, c, call.vocab_size)
+    assert call.negatives is not None  # drawn by the dispatch, once, before the branch
+    lowering = call.negatives.log_expected if call.log_q_correction else None
+    return SampledPlan(torch.where(t.target_mask, t.labels, 0), t.target_mask, position_weights(t, c),
+                       call.negatives.ids, lowering, c.softmax, call.remove_accidental_hits,
+                       scalar=c.reduction in ("mean", "sum"))

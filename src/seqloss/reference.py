@@ -1,4 +1,4 @@
-"""The dense spec of every objective: readable, slow, the oracle of every test.
+"""The dense spec of every objective, its weighting and reductions: readable, slow, the oracle of every test.
 
 Each objective is a boolean support mask over the vocabulary, built the way the papers and the
 SMILE authors' code build it, then one masked log-softmax:
@@ -11,14 +11,18 @@ with label smoothing ε spread over the support:
 "Per row" means per *sequence*: a row, each packed example of a row (``position_ids``: an example
 starts where they restart, at 0), or with ``turns`` each maximal run of supervised positions of an example.
 
+Each position's loss is weighted by 1, its label's class weight and its own token weight, and
+reduced as ``reduction`` asks (:func:`reduced`).
+
 This module materialises (B, N, V) masks and masked copies of the logits on purpose; the engines
 never do. It builds every mask from the labels alone and imports nothing from the code it checks
-(the shift, the sequences, the first supervised position and the random draws are written out
-again here). Inputs are already validated and flattened: logits (B, N, V), labels (B, N) unshifted.
+(the shift, the sequences, the first supervised position, the weights and the random draws are
+written out again here). Inputs are already validated and flattened: logits (B, N, V), labels and
+per-position tensors (B, N) unshifted.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -160,13 +164,14 @@ MASKS: dict[str, Callable[..., Tensor]] = {
 def capped(logits: Tensor, softcap: Optional[float]) -> Tensor:
     """fp32 logits, soft-capped to c·tanh(z / c) when ``softcap`` = c is given (Gemma 2)."""
     z = logits.float()
-    return z if softcap is None else softcap * torch.tanh(z / softcap)
+    return z if not softcap else softcap * torch.tanh(z / softcap)
 
 
 def token_losses(logits: Tensor, t: Targets, support: Tensor, label_smoothing: float,
-                 softcap: Optional[float] = None, z_loss: float = 0.0) -> Tensor:
-    """(B, N) fp32 loss of each position over its support mask (B, N, V); 0 where there is no target.
-    With ``z_loss`` each position adds z_loss · lse², lse over its support (PaLM's for MLE)."""
+                 softcap: Optional[float] = None, z_loss: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(B, N) fp32 loss of each position over its support mask (B, N, V), and its z-loss part
+    z_loss · lse² (lse over the support, PaLM's for MLE), which the loss includes; 0 where there is
+    no target."""
     z = capped(logits, softcap).masked_fill(~support, float("-inf"))   # (B, N, V)
     logp = torch.log_softmax(z, dim=-1)                               # (B, N, V)
     safe = torch.where(t.target_mask, t.labels, 0)
@@ -174,30 +179,66 @@ def token_losses(logits: Tensor, t: Targets, support: Tensor, label_smoothing: f
     if label_smoothing > 0:
         mean_nll = -logp.masked_fill(~support, 0.0).sum(-1) / support.sum(-1)
         nll = (1 - label_smoothing) * nll + label_smoothing * mean_nll
-    if z_loss:
-        nll = nll + z_loss * torch.logsumexp(z, dim=-1) ** 2
-    return torch.where(t.target_mask, nll, torch.zeros_like(nll))
+    z_part = z_loss * torch.logsumexp(z, dim=-1) ** 2 if z_loss else torch.zeros_like(nll)
+    zero = torch.zeros_like(nll)
+    return torch.where(t.target_mask, nll + z_part, zero), torch.where(t.target_mask, z_part, zero)
 
 
-def objective_token_losses(logits: Tensor, labels: Tensor, members: list[tuple[float, str, dict[str, Any]]], *,
-                           shift: bool, ignore_index: int, label_smoothing: float,
-                           position_ids: Optional[Tensor] = None, turns: bool = False,
-                           softcap: Optional[float] = None, z_loss: float = 0.0) -> Tensor:
-    """(B, N) fp32: the weighted sum over ``members`` = [(weight, name, options)] of each member's
-    token losses, on logits (B, N, V) and unshifted labels (B, N)."""
+def reduced(per_position: Tensor, t: Targets, reduction: str, num_items_in_batch: Any = None,
+            class_weight: Optional[Tensor] = None, token_weights: Optional[Tensor] = None) -> Tensor:
+    """Per-position values (B, N) → the output: Σ w·value (``"sum"``), that ÷ Σ w or
+    ÷ ``num_items_in_batch`` (``"mean"``; 0 when nothing is supervised), or w·value per position
+    (``"none"``, ``"sequence"``; the caller sums sequences). w is 1 at each supervised position, times
+    its label's class weight and its own token weight (``token_weights`` unshifted, like the labels)."""
+    w = t.target_mask.float()                                          # (B, N)
+    if class_weight is not None:
+        w = w * class_weight.float()[torch.where(t.target_mask, t.labels, 0)]
+    if token_weights is not None:
+        weights = token_weights.float()
+        if t.shift:  # the weight of label n + 1 goes to the position that predicts it
+            weights = torch.cat([weights[:, 1:], torch.zeros_like(weights[:, :1])], dim=1)
+        w = w * weights
+    weighted = w * per_position
+    if reduction in ("none", "sequence"):
+        return weighted
+    total = weighted.sum()
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is not None:
+        return total / torch.as_tensor(num_items_in_batch, dtype=torch.float32)
+    count = w.sum()
+    return total / torch.where(count > 0, count, torch.ones_like(count))
+
+
+def objective_loss(logits: Tensor, labels: Tensor, members: Sequence[tuple[float, str, Mapping[str, Any]]], *,
+                   shift: bool = False, ignore_index: int = -100, label_smoothing: float = 0.0,
+                   reduction: str = "mean", num_items_in_batch: Any = None,
+                   position_ids: Optional[Tensor] = None, turns: bool = False, softcap: Optional[float] = None,
+                   z_loss: float = 0.0, class_weight: Optional[Tensor] = None,
+                   token_weights: Optional[Tensor] = None, **_: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss of ``members`` = [(weight, name, options)] on logits (B, N, V) and unshifted labels
+    (B, N), reduced (see :func:`reduced`), with its z-loss part reduced alike and the argmax of the
+    (capped) logits over the whole vocabulary at every supervised position (0 elsewhere)."""
     t = targets(labels, logits.shape[-1], shift, ignore_index, position_ids, turns)
     total = torch.zeros(t.labels.shape, dtype=torch.float32, device=logits.device)
+    z_total = torch.zeros_like(total)
     for weight, name, options in members:
         support = MASKS[name](t, **options)
-        total = total + weight * token_losses(logits, t, support, label_smoothing, softcap, z_loss)
-    return total
+        loss, z_part = token_losses(logits, t, support, label_smoothing, softcap, z_loss)
+        total, z_total = total + weight * loss, z_total + weight * z_part
+    predicted = torch.where(t.target_mask, capped(logits, softcap).argmax(-1), 0)
+    weighting = dict(reduction=reduction, num_items_in_batch=num_items_in_batch, class_weight=class_weight,
+                     token_weights=token_weights)
+    return reduced(total, t, **weighting), reduced(z_total, t, **weighting), predicted
 
 
-def sampled_token_losses(logits: Tensor, labels: Tensor, negatives: Tensor, log_expected: Tensor, *, shift: bool,
-                         ignore_index: int, label_smoothing: float, log_q_correction: bool,
-                         remove_accidental_hits: bool) -> Tensor:
-    """(B, N) fp32 sampled-softmax losses on the full logits (B, N, V), for given draws: ``negatives``
-    (K,) shared or (T, K) per supervised position (row-major order), ``log_expected`` = log(K·q) of each.
+def sampled_loss(logits: Tensor, labels: Tensor, negatives: Tensor, log_expected: Tensor, *, shift: bool = False,
+                 ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                 num_items_in_batch: Any = None, position_ids: Optional[Tensor] = None,
+                 token_weights: Optional[Tensor] = None, log_q_correction: bool = True,
+                 remove_accidental_hits: bool = True, **_: Any) -> Tensor:
+    """Sampled softmax on the full logits (B, N, V) for given draws, reduced as :func:`reduced`:
+    ``negatives`` (K,) shared or (B·N, K) one set per position, ``log_expected`` = log(K·q) of each.
 
     The support of a position is its label once, with its logit as it is (it is always there, never
     sampled), plus each drawn id as often as it was drawn, its logit lowered by log(K·q) with
@@ -205,24 +246,24 @@ def sampled_token_losses(logits: Tensor, labels: Tensor, negatives: Tensor, log_
 
         loss = log( exp(z_y) + Σ_v c_v · exp(z_v - log(K q_v)) ) - z_y        (c_v = draws of v)
     """
-    t = targets(labels, logits.shape[-1], shift, ignore_index)
-    z = logits.float()[t.target_mask]                                  # (T, V)
-    y = t.labels[t.target_mask]                                        # (T,)
-    T, V = z.shape
-    ids = negatives.expand(T, -1) if negatives.dim() == 1 else negatives            # (T, K)
-    lowering = log_expected.expand(T, -1) if log_expected.dim() == 1 else log_expected
-    counts = torch.zeros(T, V, device=z.device).scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    t = targets(labels, logits.shape[-1], shift, ignore_index, position_ids)
+    B, N, V = logits.shape
+    z = logits.float().reshape(B * N, V)                               # (M, V)
+    y = torch.where(t.target_mask, t.labels, 0).reshape(-1)            # (M,)
+    M = z.shape[0]
+    ids = negatives.expand(M, -1) if negatives.dim() == 1 else negatives            # (M, K)
+    lowering = log_expected.expand(M, -1) if log_expected.dim() == 1 else log_expected
+    counts = torch.zeros(M, V, device=z.device).scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
     if remove_accidental_hits:
-        counts[torch.arange(T), y] = 0.0
-    z_neg = z                                                           # (T, V)
+        counts[torch.arange(M), y] = 0.0
+    z_neg = z                                                           # (M, V)
     if log_q_correction:
-        z_neg = z - torch.zeros(T, V, device=z.device).scatter_(1, ids, lowering.float())
-    z_y = z.gather(1, y.unsqueeze(1)).squeeze(1)                        # (T,)
+        z_neg = z - torch.zeros(M, V, device=z.device).scatter_(1, ids, lowering.float())
+    z_y = z.gather(1, y.unsqueeze(1)).squeeze(1)                        # (M,)
     lse = torch.logsumexp(torch.cat([z_y.unsqueeze(1), z_neg + counts.log()], dim=1), dim=1)
     nll = lse - z_y
     if label_smoothing > 0:  # the mean over the support counts each draw
         mean_nll = (nll + (counts * (lse.unsqueeze(1) - z_neg)).sum(1)) / (1 + counts.sum(1))
         nll = (1 - label_smoothing) * nll + label_smoothing * mean_nll
-    out = torch.zeros(t.labels.shape, dtype=torch.float32, device=logits.device)
-    out[t.target_mask] = nll
-    return out
+    per_position = torch.where(t.target_mask, nll.view(B, N), 0.0)
+    return reduced(per_position, t, reduction, num_items_in_batch, token_weights=token_weights)

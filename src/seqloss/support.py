@@ -11,12 +11,14 @@ S(b, n) of vocabulary ids that always contains the label y. Two shapes of rule c
 
 Lists hold ids sorted and de-duplicated with -1 as padding, so that an id is never counted twice in
 a log-sum-exp. The label itself is *not* stored in a list: the loss adds it once per position.
+Exclusions are always one list per sequence, (L, K); candidates one per sequence, (L, 1, K), or one
+per position, (B, N, K) (``subset(include=)`` per label position).
 
 **Sequences.** Everything "per row" (SMILE's and reverse subsetting's token sets, the first
 supervised position) is per *sequence*: a batch row, or — with ``position_ids`` (Hugging Face's
 padding-free convention) — each packed example of a row, and with ``turns=True`` each maximal run
 of supervised positions (a conversation turn). When sequences are not rows, per-row lists are laid
-out per sequence, (S, 1, K), and :class:`Sequences` maps each position to its list.
+out per sequence, and :class:`Sequences` maps each position to its list.
 Both the efficient path and the tests build on these structures; the dense spec in
 ``reference.py`` builds its masks straight from the labels instead.
 """
@@ -29,19 +31,23 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from .call import Common
+
 PAD = -1  # padding entry of a candidate or exclusion list
 
 
 @dataclass(frozen=True)
 class FullSupport:
-    """All V ids minus ``exclude`` (B, 1 or N, K), PAD-padded; the label is never excluded."""
+    """All V ids minus ``exclude`` (L, K), one list per row or sequence, PAD-padded; the label is never
+    excluded."""
 
     exclude: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
 class ListSupport:
-    """The label plus ``ids`` (B, 1 or N, K), PAD-padded, unique along K.
+    """The label plus ``ids`` (L, 1, K) per row or sequence, or (B, N, K) per position, PAD-padded,
+    unique along K.
 
     ``full_positions`` (B, N) bool marks positions that use every id instead (first-token MLE).
     """
@@ -58,14 +64,14 @@ class Sequences:
     """The sequences of a (B, N) batch when they are not its rows.
 
     ``index`` (B, N) long gives each position's sequence in [0, count), non-decreasing in row-major
-    order (a sequence is a run of positions inside one row); ``row`` (count,) the row each lies in.
-    Under ``torch.compile`` ``count`` is the bound B·N (the true count would be read from the data);
-    the spare sequences are empty.
+    order (a sequence is a run of positions inside one row); ``batch_row`` (count,) the row each lies
+    in. Under ``torch.compile`` ``count`` is the bound B·N (the true count would be read from the
+    data); the spare sequences are empty.
     """
 
     index: Tensor
     count: int
-    row: Tensor
+    batch_row: Tensor
 
 
 # --- targets -----------------------------------------------------------------------------------
@@ -93,7 +99,26 @@ def shift_labels(labels: Tensor, shift: bool, ignore_index: int, starts: Optiona
         return labels
     if starts is not None:
         labels = torch.where(starts, torch.full_like(labels, ignore_index), labels)
-    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
+    return shift_values(labels, ignore_index)
+
+
+def shift_values(values: Tensor, fill: Union[int, float], dim: int = -1) -> Tensor:
+    """Per-label values (..., N, ...) moved to the positions that predict their labels: position n
+    gets the value of label n + 1 along ``dim``, the last position ``fill``."""
+    dim = dim % values.dim()
+    tail = values.narrow(dim, 1, values.shape[dim] - 1) if values.shape[dim] else values
+    pad = [0, 0] * (values.dim() - 1 - dim) + [0, 1 if values.shape[dim] else 0]
+    return torch.nn.functional.pad(tail, pad, value=fill)
+
+
+def targets_of(labels: Tensor, c: Common, vocab_size: int) -> Targets:
+    """The one targets builder: unshifted labels (B, N) → the shifted labels, their target mask and
+    their sequences (packed examples from ``c.position_ids`` (B, N), turns), as every support rule,
+    weight and statistic reads them."""
+    starts = None if c.position_ids is None else example_starts(c.position_ids)
+    shifted = shift_labels(labels.long(), c.shift, c.ignore_index, starts)
+    target_mask = shifted != c.ignore_index
+    return Targets(shifted, target_mask, vocab_size, c.shift, sequences_of(target_mask, starts, c.turns))
 
 
 def sequences_of(target_mask: Tensor, starts: Optional[Tensor], turns: bool) -> Optional[Sequences]:
@@ -113,15 +138,13 @@ def sequences_of(target_mask: Tensor, starts: Optional[Tensor], turns: bool) -> 
     index = flat.long().cumsum(0) - 1                                   # ≥ 0: every row starts a sequence
     count = B * N if torch.compiler.is_compiling() else int(flat.sum())
     rows = torch.arange(B * N, device=flat.device) // max(N, 1)
-    row = torch.zeros(count, dtype=torch.long, device=flat.device).scatter_(0, index, rows)
-    return Sequences(index.view(B, N), count, row)
+    batch_row = torch.zeros(count, dtype=torch.long, device=flat.device).scatter_(0, index, rows)
+    return Sequences(index.view(B, N), count, batch_row)
 
 
 def shift_candidates(candidates: Tensor, shift: bool) -> Tensor:
     """Per-position candidate lists (B, N, K) shifted like the labels they belong to."""
-    if not shift:
-        return candidates
-    return torch.nn.functional.pad(candidates[:, 1:], (0, 0, 0, 1), value=PAD)
+    return shift_values(candidates, PAD, dim=1) if shift else candidates
 
 
 def first_supervised(target_mask: Tensor, sequences: Optional[Sequences] = None) -> Tensor:
@@ -166,8 +189,8 @@ def canonical_ids(ids: Tensor, drop: Optional[Tensor] = None) -> Tensor:
     return ids[..., :width].contiguous()
 
 
-def row_token_sets(labels: Tensor, target_mask: Tensor, drop: Optional[Tensor] = None,
-                   sequences: Optional[Sequences] = None) -> Tensor:
+def token_sets(labels: Tensor, target_mask: Tensor, drop: Optional[Tensor] = None,
+               sequences: Optional[Sequences] = None) -> Tensor:
     """(B, 1, K): the ids that occur as supervised labels in each row, minus ``drop``; with
     ``sequences``, (S, 1, K): those of each sequence."""
     ids = torch.where(target_mask, labels, torch.full_like(labels, PAD))
@@ -205,12 +228,12 @@ class Targets:
     sequences: Optional[Sequences] = None  # None: each row is one sequence
 
     def per_sequence(self, lists: Tensor) -> Tensor:
-        """Per-row lists (B, 1, K) → one per sequence (S, 1, K)."""
-        return lists if self.sequences is None else lists[self.sequences.row]
+        """Per-row lists (B, ...) → one per sequence (S, ...)."""
+        return lists if self.sequences is None else lists[self.sequences.batch_row]
 
     @property
-    def list_rows(self) -> int:
-        """How many per-row (per-sequence) lists a support holds: B, or S."""
+    def list_count(self) -> int:
+        """How many per-sequence lists a support holds: B, or S."""
         return self.labels.shape[0] if self.sequences is None else self.sequences.count
 
 
@@ -225,7 +248,7 @@ def mle_support(t: Targets) -> FullSupport:
 def smile_support(t: Targets, *, first_token_mle: bool = True, exclude_ids: Sequence[int] = ()) -> ListSupport:
     drop = _exclude_tensor(exclude_ids, t.labels.device)
     full = first_supervised(t.target_mask, t.sequences) if first_token_mle else None
-    return ListSupport(row_token_sets(t.labels, t.target_mask, drop, t.sequences), full)
+    return ListSupport(token_sets(t.labels, t.target_mask, drop, t.sequences), full)
 
 
 def random_subset_support(t: Targets, *, num_samples: int = 10, generator: Optional[torch.Generator] = None,
@@ -236,14 +259,14 @@ def random_subset_support(t: Targets, *, num_samples: int = 10, generator: Optio
 
 
 def reverse_subset_support(t: Targets, *, exclude_ids: Sequence[int] = ()) -> FullSupport:
-    in_row = row_token_sets(t.labels, t.target_mask, sequences=t.sequences)  # (B or S, 1, K)
-    extra = _exclude_tensor(exclude_ids, t.labels.device).expand(in_row.shape[0], 1, -1)
-    return FullSupport(canonical_ids(torch.cat([in_row, extra], dim=-1)))
+    in_sequence = token_sets(t.labels, t.target_mask, sequences=t.sequences)[:, 0]  # (L, K)
+    extra = _exclude_tensor(exclude_ids, t.labels.device).expand(in_sequence.shape[0], -1)
+    return FullSupport(canonical_ids(torch.cat([in_sequence, extra], dim=-1)))
 
 
 def selective_eos_support(t: Targets, *, eos_token_id: int) -> FullSupport:
     # The label is never excluded, so a position whose label is EOS keeps it automatically.
-    return FullSupport(torch.full((t.list_rows, 1, 1), eos_token_id, dtype=torch.long, device=t.labels.device))
+    return FullSupport(torch.full((t.list_count, 1), eos_token_id, dtype=torch.long, device=t.labels.device))
 
 
 def subset_support(t: Targets, *, include: Optional[Tensor] = None, exclude: Optional[Tensor] = None) -> Support:
@@ -253,22 +276,24 @@ def subset_support(t: Targets, *, include: Optional[Tensor] = None, exclude: Opt
             return ListSupport(t.per_sequence(canonical_ids(include).unsqueeze(1)))
         return ListSupport(canonical_ids(shift_candidates(include, t.shift)))  # (B, N, K)
     assert exclude is not None  # validation asks for exactly one of include and exclude
-    return FullSupport(t.per_sequence(canonical_ids(exclude.to(t.labels.device, torch.long)).unsqueeze(1)))
+    return FullSupport(t.per_sequence(canonical_ids(exclude.to(t.labels.device, torch.long))))
 
 
 @dataclass(frozen=True)
-class Objective:
-    """A support rule and the keyword options it accepts (beyond the common ones)."""
+class SupportRule:
+    """How an objective builds its support from the targets, and the keyword options it accepts
+    (beyond the common ones)."""
 
     build: Callable[..., Support]
     options: tuple[str, ...]
 
 
-OBJECTIVES: dict[str, Objective] = {
-    "mle": Objective(mle_support, ()),
-    "smile": Objective(smile_support, ("first_token_mle", "exclude_ids")),
-    "random_subset": Objective(random_subset_support, ("num_samples", "generator", "exclude_ids")),
-    "reverse_subset": Objective(reverse_subset_support, ("exclude_ids",)),
-    "selective_eos": Objective(selective_eos_support, ("eos_token_id",)),
-    "subset": Objective(subset_support, ("include", "exclude")),
+# The one registry of objectives: name → support rule.
+OBJECTIVES: dict[str, SupportRule] = {
+    "mle": SupportRule(mle_support, ()),
+    "smile": SupportRule(smile_support, ("first_token_mle", "exclude_ids")),
+    "random_subset": SupportRule(random_subset_support, ("num_samples", "generator", "exclude_ids")),
+    "reverse_subset": SupportRule(reverse_subset_support, ("exclude_ids",)),
+    "selective_eos": SupportRule(selective_eos_support, ("eos_token_id",)),
+    "subset": SupportRule(subset_support, ("include", "exclude")),
 }

@@ -7,14 +7,15 @@ without (B, N, V) logits.
   weight gradient is scattered back with ``index_add_``.
 * Full parts (MLE, reverse subsets, selective EOS, ``exclude``, SMILE's first token) run over
   chunks of the positions with a target: chunk logits ``h_c @ W.T`` into one reused buffer, the
-  shared per-row math of ``rows.py``, then the gradients ``G @ W`` and ``G.T @ h_c`` in the same
+  shared per-position math of ``token_math.py``, then the gradients ``G @ W`` and ``G.T @ h_c`` in the same
   loop (6·N·H·V FLOPs, no recomputation).
 
-Engine contract (shared with ``kernels.engine.linear_forward``):
-``linear_forward(hidden (B, N, H), weight (V, H), bias (V,) | None, plan, w_all, need)`` — hidden,
-weight and bias in one dtype — → per-position losses (B, N) fp32 and, when ``w_all`` (B, N) is
-given, fp32 accumulators (:class:`~seqloss._buffers.Grads`) of the gradients of Σ w·loss that
-``need`` (hidden, weight, bias) asks for.
+The head runs in the call's compute dtype (autocast's, or the widest of the inputs'); the
+gradients accumulate in fp32 and come back in each input's dtype. With ``plan.stats`` the full parts
+hand back each position's argmax; the positions only list parts score get one more pass of the
+head over them, without gradients.
+
+Engine contract: see ``plan.Engine`` (``inputs`` = (hidden (B, N, H), weight (V, H), bias (V,) | None)).
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._buffers import Grads, workspace
-from .plan import Plan, sequence_groups
-from .rows import candidates, cap_, full_rows, list_rows
+from ._buffers import Grads, GradTriple, in_compute_dtype, workspace
+from .plan import Engine, EngineOutput, Inputs, Need, Plan, sequence_groups
+from .token_math import PositionSums, candidate_support, candidates, capped_argmax, full_support
 
 # Positions per chunk of the full-vocabulary pass: about this many fp32 logits (1 << 25 = 128 MiB),
 # but never fewer than MIN_CHUNK_POSITIONS positions, so that the chunk matmuls stay efficient and
@@ -59,7 +60,7 @@ def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], buffer: Tensor) -
 
 
 def _full_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, alpha: float,
-               exclude: Optional[Tensor], positions: Tensor, w_all: Optional[Tensor], loss: Tensor,
+               exclude: Optional[Tensor], positions: Tensor, w_all: Optional[Tensor], sums: PositionSums,
                grads: Grads) -> None:
     """Positions whose support is every id but ``exclude``: chunked logits, loss and gradients.
 
@@ -77,21 +78,18 @@ def _full_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Pla
         b, n = idx // N, idx % N
         h = h_all[idx]                                                 # (C, H)
         z = _logits(h, weight, bias, buffer)                           # (C, V) fp32
-        capped = None if plan.softcap is None else cap_(z, plan.softcap)
-        y = plan.labels[b, n].unsqueeze(1)
-        ex = None if exclude is None else exclude[b, n] if exclude.shape[1] > 1 else exclude[plan.list_of(b, n), 0]
+        ex = None if exclude is None else exclude[plan.list_of(b, n)]  # (C, K)
         w = None if w_all is None else alpha * w_all[b, n].unsqueeze(1)
-        tok = full_rows(z, y, ex, plan.label_smoothing, w, plan.z_loss)  # z becomes dloss/dlogits
-        loss.view(-1).index_add_(0, idx, alpha * tok.squeeze(1))
+        terms = full_support(z, plan.labels[b, n].unsqueeze(1), ex, w, plan.softmax, predict=plan.stats)
+        sums.add(idx, alpha, terms)                                    # z is now dloss/dlogits
         if w is not None:
-            if capped is not None:
-                z.mul_(capped)                                         # through the cap: · (1 - tanh²)
             grads.add_dense(idx, z, h, weight)
 
 
 def _groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor) -> tuple[Tensor, Tensor, bool]:
     """Positions grouped by the list they share → ids (G, K), the flat index of each group's
-    positions (G, M) (-1: an empty slot), and whether the groups are the batch's rows in order.
+    positions (G, M) (-1: an empty slot), and whether the groups are the batch's rows in order
+    (then blocks are slices of the batch).
 
     Groups are the rows of the batch for (B, 1, K) lists, single positions for (B, N, K) lists, and
     for (S, 1, K) lists (packed examples, turns) the listed positions of each sequence, left-aligned
@@ -112,19 +110,19 @@ def _groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor) -> tuple
 
 
 def _list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, alpha: float, ids: Tensor,
-               positions: Tensor, w_all: Optional[Tensor], loss: Tensor, grads: Grads) -> None:
+               positions: Tensor, w_all: Optional[Tensor], sums: PositionSums, grads: Grads) -> None:
     """Positions whose support is the label plus ``ids``: gathered head rows, batched matmuls."""
     H = hidden.shape[-1]
-    ids_g, slots, rows = _groups(ids, hidden, plan, positions)
+    ids_g, slots, batch_rows = _groups(ids, hidden, plan, positions)
     G, K = ids_g.shape
     h_flat, y_flat, on_flat = hidden.reshape(-1, H), plan.labels.reshape(-1), positions.reshape(-1)
     s = 0
     while s < G:
-        M = slots.shape[1] if rows else max(1, int((slots[s] >= 0).sum()))  # the block's longest group
+        M = slots.shape[1] if batch_rows else max(1, int((slots[s] >= 0).sum()))  # the block's longest group
         block = max(1, LIST_BLOCK_ELEMENTS // max(1, (K + M) * H))
         sl = slice(s, s + block)
         s += block
-        if rows:  # slices of the batch, no copies
+        if batch_rows:  # slices of the batch, no copies
             h, y, on, flat = hidden[sl].float(), plan.labels[sl].unsqueeze(-1), positions[sl], slots[sl]
             w_g = None if w_all is None else w_all[sl]
         else:
@@ -139,14 +137,11 @@ def _list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Pla
         z = torch.cat([torch.bmm(h, w_rows.transpose(1, 2)), (h * w_y).sum(-1, keepdim=True)], dim=-1)
         if bias is not None:
             z = z + bias[cand].float()
-        capped = None if plan.softcap is None else cap_(z, plan.softcap)
         w = None if w_g is None else alpha * w_g.unsqueeze(-1)
-        tok, g = list_rows(z, valid, plan.label_smoothing, w, plan.z_loss)  # (g, M, 1), (g, M, K+1)
-        loss.view(-1).index_add_(0, flat.flatten(), alpha * tok.flatten())
+        terms, g = candidate_support(z, valid, w, plan.softmax)        # (g, M, 1), (g, M, K+1)
+        sums.add(flat.flatten(), alpha, terms)
         if g is None:
             continue
-        if capped is not None:
-            g = g * capped
         g_list, g_y = g[..., :K], g[..., K:]
         if grads.hidden is not None:
             dh = torch.baddbmm(g_y * w_y, g_list, w_rows)               # (g, M, H)
@@ -159,18 +154,47 @@ def _list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Pla
             grads.bias.index_add_(0, cand.flatten(), g.flatten())
 
 
-def linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, w_all: Optional[Tensor],
-                  need: tuple[bool, bool, bool]) -> tuple[Tensor, Grads]:
-    """Per-position losses (B, N) and, when ``w_all`` (B, N) is given, the gradients of Σ w·loss."""
+def _predict_rest(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, sums: PositionSums) -> None:
+    """The argmax of the supervised positions no full part visited: one pass of the head over them."""
+    H, V = hidden.shape[-1], weight.shape[0]
+    rest = sums.unpredicted(plan.target_mask)
+    chunk = max(1, FUSED_CHUNK_ELEMENTS // V)
+    for start in range(0, rest.numel(), chunk):
+        idx = rest[start:start + chunk]
+        z = torch.nn.functional.linear(hidden.reshape(-1, H)[idx], weight, bias).float()
+        sums.set_predicted(idx, capped_argmax(z, plan.softmax))
+
+
+def forward(inputs: Inputs, plan: Plan, need: Need, dtype: torch.dtype,
+            weights: Optional[Tensor] = None) -> EngineOutput:
+    """Per-position losses (B, N) and the gradients ``need`` asks for: of Σ coef·loss, or of
+    Σ weights·loss when ``weights`` (B, N) are given (backward's recompute)."""
+    hidden, weight, bias = in_compute_dtype(inputs, dtype)
+    assert weight is not None
     B, N, H = hidden.shape
     V = weight.shape[0]
+    w_all = weights if weights is not None else plan.coef if any(need) else None
     grads = Grads.allocate(B * N, H, V, hidden.device, w_all is not None, need)
-    loss = torch.zeros(B, N, dtype=torch.float32, device=hidden.device)
+    sums = PositionSums(B * N, hidden.device, plan.stats)
     for part in plan.parts:
         if part.ids is None:
-            _full_part(hidden, weight, bias, plan, part.alpha, part.exclude, part.positions, w_all, loss, grads)
+            _full_part(hidden, weight, bias, plan, part.alpha, part.exclude, part.positions, w_all, sums, grads)
         else:
-            _list_part(hidden, weight, bias, plan, part.alpha, part.ids, part.positions, w_all, loss, grads)
+            _list_part(hidden, weight, bias, plan, part.alpha, part.ids, part.positions, w_all, sums, grads)
     if grads.want_weight:  # allocated here when nothing was supervised
         grads.weight_buffer(hidden.device)
-    return loss, grads
+    if plan.stats:
+        _predict_rest(hidden, weight, bias, plan, sums)
+    return EngineOutput(sums.loss.view(B, N), grads.results(inputs),
+                        None if sums.z_part is None else sums.z_part.view(B, N),
+                        None if sums.predicted is None else sums.predicted.view(B, N))
+
+
+def backward(inputs: Inputs, plan: Plan, weights: Tensor, need: Need, dtype: torch.dtype) -> GradTriple:
+    """The gradients of Σ weights·loss, recomputed (per-position outputs learn their weights only here)."""
+    return forward(inputs, plan, need, dtype, weights).grads
+
+
+def engine() -> Engine:
+    """This engine: scalar outputs get their gradients in forward, per-position ones recompute."""
+    return Engine(forward, backward, rowwise=False)

@@ -7,11 +7,11 @@
   -inf in that copy, and the same copy becomes the chunk's gradient.
 
 The gradient is computed in the forward pass and written once into a single (B, N, V) buffer (the
-one tensor of that size a backward pass must produce anyway); backward only scales it.
+one tensor of that size a backward pass must produce anyway); backward only scales it. With
+``plan.stats`` the full parts also hand back each position's argmax (the positions only list parts
+score get one more gathered pass, without gradients).
 
-Engine contract (shared with ``kernels.engine.logits_forward``):
-``logits_forward(logits (B, N, V), plan, need_grad)`` → per-position losses (B, N) fp32 and, if
-``need_grad``, the gradient of Σ coef·loss in the logits' dtype.
+Engine contract: see ``plan.Engine`` (``inputs`` = (logits (B, N, V), None, None)).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from ._buffers import zeros
-from .plan import Plan, mostly
-from .rows import candidates, cap_, full_rows, list_rows
+from .plan import Engine, EngineOutput, Inputs, Need, Plan, mostly
+from .token_math import PositionSums, candidate_support, candidates, capped_argmax, full_support
 
 # Positions per chunk of the full-vocabulary pass: about this many logits, so that a chunk's fp32
 # copy stays in cache while it is masked, exponentiated, summed and turned into its gradient.
@@ -53,14 +53,13 @@ def _is_dense(logits: Tensor, positions: Tensor) -> bool:
 
 
 def _full_part(logits: Tensor, plan: Plan, alpha: float, exclude: Optional[Tensor], positions: Tensor,
-               loss: Tensor, grad: Optional[_GradBuffer]) -> None:
-    """Positions whose support is all V ids minus ``exclude`` (B, 1 or N, K), chunk by chunk.
+               sums: PositionSums, grad: Optional[_GradBuffer]) -> None:
+    """Positions whose support is all V ids minus ``exclude`` (L, K), chunk by chunk.
 
     Dense case: contiguous ranges of positions, including the ones without a target (weight 0), so
     rows are sliced, not gathered. Sparse case (e.g. SMILE's first tokens): only the listed rows.
     """
     B, N, V = logits.shape
-    eps = plan.label_smoothing
     chunk = max(1, CHUNK_ELEMENTS // V)
     flat_logits = _flat(logits)
     dense = flat_logits is not None and mostly(positions)
@@ -78,17 +77,13 @@ def _full_part(logits: Tensor, plan: Plan, alpha: float, exclude: Optional[Tenso
                  else flat_logits[rows].to(torch.float32, copy=True))  # (C, V)
         else:
             z = logits[b, n].float()
-        capped = None if plan.softcap is None else cap_(z, plan.softcap)
-        y = plan.labels[b, n].unsqueeze(1)                             # (C, 1)
-        on = positions[b, n].unsqueeze(1)                              # (C, 1)
-        ex = None if exclude is None else exclude[b, n] if exclude.shape[1] > 1 else exclude[plan.list_of(b, n), 0]
-        w = None if grad is None else alpha * plan.coef[b, n].unsqueeze(1) * on
-        tok = full_rows(z, y, ex, eps, w, plan.z_loss)
-        loss.view(-1).index_add_(0, idx, alpha * torch.where(on, tok, 0.0).squeeze(1))
+        on = positions[b, n]                                           # (C,)
+        w = None if grad is None else alpha * (plan.coef[b, n] * on).unsqueeze(1)
+        ex = None if exclude is None else exclude[plan.list_of(b, n)]  # (C, K)
+        terms = full_support(z, plan.labels[b, n].unsqueeze(1), ex, w, plan.softmax, predict=plan.stats)
+        sums.add(idx, alpha, terms, on)
         if grad is None:
             continue
-        if capped is not None:
-            z.mul_(capped)                                             # through the cap: · (1 - tanh²)
         if not dense:
             grad.rows().index_add_(0, idx, z.to(grad.tensor.dtype))
         elif grad.fresh:
@@ -101,33 +96,50 @@ def _full_part(logits: Tensor, plan: Plan, alpha: float, exclude: Optional[Tenso
 
 
 def _list_part(logits: Tensor, plan: Plan, alpha: float, ids: Tensor, positions: Tensor,
-               loss: Tensor, grad: Optional[_GradBuffer]) -> None:
-    """Positions whose support is the label plus ``ids`` (B, 1 or N, K): gather, never O(V)."""
+               sums: PositionSums, grad: Optional[_GradBuffer]) -> None:
+    """Positions whose support is the label plus ``ids`` (L, 1, K) or (B, N, K): gather, never O(V)."""
     B, N, V = logits.shape
     y = plan.labels.unsqueeze(-1)                                      # (B, N, 1)
     per_position = ids[:, 0][plan.sequence] if ids.shape[1] == 1 and plan.sequence is not None else ids
     cand, valid = candidates(per_position.expand(B, N, ids.shape[-1]), y, positions)  # (B, N, K+1)
     w = None if grad is None else alpha * plan.coef.unsqueeze(-1)
     z = logits.gather(2, cand).float()                                 # (B, N, K+1), a new tensor
-    capped = None if plan.softcap is None else cap_(z, plan.softcap)
-    tok, g = list_rows(z, valid, plan.label_smoothing, w, plan.z_loss)
-    loss.add_(alpha * tok.squeeze(-1))
+    terms, g = candidate_support(z, valid, w, plan.softmax)
+    sums.add(torch.arange(B * N, device=logits.device), alpha, terms)
     if g is not None and grad is not None:
-        if capped is not None:
-            g = g * capped
         grad.tensor.scatter_add_(2, cand, g.to(grad.tensor.dtype))
 
 
-def logits_forward(logits: Tensor, plan: Plan, need_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """Per-position losses (B, N) fp32 and, if asked, the gradient of Σ coef·loss w.r.t. logits."""
-    loss = torch.zeros(plan.labels.shape, dtype=torch.float32, device=logits.device)
+def _predict_rest(logits: Tensor, plan: Plan, sums: PositionSums) -> None:
+    """The argmax of the supervised positions no full part visited, chunk by chunk."""
+    B, N, V = logits.shape
+    rest = sums.unpredicted(plan.target_mask)
+    for start in range(0, rest.numel(), max(1, CHUNK_ELEMENTS // V)):
+        idx = rest[start:start + max(1, CHUNK_ELEMENTS // V)]
+        sums.set_predicted(idx, capped_argmax(logits[idx // N, idx % N].float(), plan.softmax))
+
+
+def forward(inputs: Inputs, plan: Plan, need: Need, dtype: torch.dtype) -> EngineOutput:
+    """Per-position losses (B, N) fp32 and, if ``need`` asks, the gradient of Σ coef·loss w.r.t. the logits."""
+    logits = inputs[0]
+    B, N, V = logits.shape
+    sums = PositionSums(B * N, logits.device, plan.stats)
     parts = plan.parts
     grad = None
-    if need_grad:
+    if need[0]:
         grad = _GradBuffer(logits, bool(parts) and parts[0].ids is None and _is_dense(logits, parts[0].positions))
     for part in parts:
         if part.ids is None:
-            _full_part(logits, plan, part.alpha, part.exclude, part.positions, loss, grad)
+            _full_part(logits, plan, part.alpha, part.exclude, part.positions, sums, grad)
         else:
-            _list_part(logits, plan, part.alpha, part.ids, part.positions, loss, grad)
-    return loss, (grad.tensor if grad is not None else None)
+            _list_part(logits, plan, part.alpha, part.ids, part.positions, sums, grad)
+    if plan.stats:
+        _predict_rest(logits, plan, sums)
+    return EngineOutput(sums.loss.view(B, N), (None if grad is None else grad.tensor, None, None),
+                        None if sums.z_part is None else sums.z_part.view(B, N),
+                        None if sums.predicted is None else sums.predicted.view(B, N))
+
+
+def engine() -> Engine:
+    """This engine: its gradient rows are the logits', one per position."""
+    return Engine(forward, None, rowwise=True)

@@ -1,14 +1,13 @@
 """The torch engine of ``sampled_softmax_loss``: fused by construction.
 
-Only the rows of the head's weight that a call scores are read: the T labels' and the K drawn
-negatives' (shared), or T·K (one set per position, gathered chunk by chunk so that no (T, K, H)
-tensor exists). Forward leaves the exponentiated scores (T, K) for backward, which turns them into
-the scores' gradient in place; the weight gradient is written only at the scored rows: on CPU into
-a zero buffer that the kernel faults in page by page (no memset of, and no pass over, the V × H
-buffer), on GPUs into ``torch.zeros``. The math is fp32 whatever the inputs' dtype (autocast is
-switched off inside); each gradient comes back in its input's dtype. Eager calls run
-:class:`SampledSoftmax`; under ``torch.compile`` the same two functions (``sampled_forward``,
-``sampled_gradients``) run inside two custom ops (``seqloss::sampled_softmax`` and its backward).
+Only the rows of the head's weight that a call scores are read: the T supervised labels' and the K
+drawn negatives' (shared), or T·K (one set per position, gathered chunk by chunk so that no
+(T, K, H) tensor exists). The exponentiated scores (T, K) become the scores' gradient in place; the
+weight gradient is written only at the scored rows: on CPU into a zero buffer that the kernel
+faults in page by page (no memset of, and no pass over, the V × H buffer), on GPUs into
+``torch.zeros``. The math is fp32 whatever the inputs' dtype; each gradient comes back in its
+input's dtype. Scalar outputs get their gradients in forward; per-position ones recompute in
+backward (engine contract: see ``plan.Engine``).
 
 Per position t with label score s_t and negative scores S[t, k] (lowered by log(K·q) with the
 log-Q correction, -inf at accidental hits), lse_t = log(exp(s_t) + Σ_k exp(S[t, k])) and
@@ -18,20 +17,17 @@ log-Q correction, -inf at accidental hits), lse_t = log(exp(s_t) + Σ_k exp(S[t,
 """
 from __future__ import annotations
 
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ._buffers import zeros
-from .sampling import Negatives
+from ._buffers import GradTriple, zeros
+from .plan import Engine, EngineOutput, Inputs, Need, SampledPlan
 
 # Per-position negatives are scored in chunks of positions holding at most this many gathered
 # weight elements (chunk · K · H): 4 Mi fp32 elements, 16 MiB.
 CHUNK_ELEMENTS = 1 << 22
-SECOND_BACKWARD = ("seqloss: backward ran twice through the same sampled_softmax_loss; its buffers are consumed by "
-                   "the first backward (recompute the loss instead of retain_graph=True)")
 
 
 def _chunks(T: int, K: int, H: int) -> list[slice]:
@@ -148,94 +144,6 @@ def sampled_gradients(hidden: Tensor, weight: Tensor, labels: Tensor, ids: Tenso
     return (None if grad_h is None else grad_h.to(hidden.dtype)), (None if grad_w is None else grad_w.result())
 
 
-class SampledSoftmax(torch.autograd.Function):
-    """Eager: per-position losses (T,) of ``hidden`` (T, H) against the rows of ``weight`` named by
-    ``labels`` (T,) and negatives ``ids`` (K,) or (T, K); backward consumes forward's state."""
-
-    @staticmethod
-    def forward(ctx: Any, hidden: Tensor, weight: Tensor, labels: Tensor, ids: Tensor, lowering: Optional[Tensor],
-                label_smoothing: float, remove_accidental_hits: bool) -> Tensor:
-        loss, state = sampled_forward(hidden, weight, labels, ids, lowering, label_smoothing, remove_accidental_hits)
-        ctx.save_for_backward(hidden, weight, labels, ids)
-        ctx.state, ctx.label_smoothing = state, label_smoothing
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Optional[Tensor], ...]:
-        state, ctx.state = ctx.state, None
-        if state is None:
-            raise RuntimeError(SECOND_BACKWARD)
-        hidden, weight, labels, ids = ctx.saved_tensors
-        grad_h, grad_w = sampled_gradients(hidden, weight, labels, ids, state, ctx.label_smoothing, grad_loss,
-                                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_h, grad_w, None, None, None, None, None
-
-
-# --- under torch.compile: opaque custom ops of known output shapes ----------------------------------
-#
-# (Their signatures use typing.List/Tuple: torch 2.4 infers op schemas only from those.)
-# Dynamo cannot trace the data-dependent engine (the supervised positions, the hits), so a traced
-# call sees two custom ops over all M = B·N positions (ids (K,) or (M, K)): the losses (M,), 0 off
-# target, and, in backward, the recomputed gradients. As for the objectives' ops, an eager call never
-# goes through them (their first call imports the compiler stack).
-
-
-def _supervised(target_mask: Tensor, labels: Tensor, ids: Tensor,
-                lowering: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    if ids.dim() == 1:
-        return labels[target_mask], ids, lowering
-    return labels[target_mask], ids[target_mask], None if lowering is None else lowering[target_mask]
-
-
-@torch.library.custom_op("seqloss::sampled_softmax", mutates_args=())
-def sampled_op(hidden: Tensor, weight: Tensor, labels: Tensor, target_mask: Tensor, ids: Tensor,
-               lowering: Optional[Tensor], label_smoothing: float, remove_accidental_hits: bool) -> Tensor:
-    y, n, lw = _supervised(target_mask, labels, ids, lowering)
-    loss, _ = sampled_forward(hidden[target_mask], weight, y, n, lw, label_smoothing, remove_accidental_hits)
-    return torch.zeros(labels.shape, device=hidden.device).masked_scatter_(target_mask, loss)
-
-
-@sampled_op.register_fake
-def _(hidden, weight, labels, target_mask, ids, lowering, label_smoothing, remove_accidental_hits):
-    return hidden.new_empty(labels.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("seqloss::sampled_softmax_backward", mutates_args=())
-def sampled_backward_op(hidden: Tensor, weight: Tensor, labels: Tensor, target_mask: Tensor, ids: Tensor,
-                        lowering: Optional[Tensor], label_smoothing: float, remove_accidental_hits: bool,
-                        grad_loss: Tensor, need: List[bool]) -> Tuple[Tensor, Tensor]:
-    y, n, lw = _supervised(target_mask, labels, ids, lowering)
-    h = hidden[target_mask]
-    _, state = sampled_forward(h, weight, y, n, lw, label_smoothing, remove_accidental_hits)
-    grad_h, grad_w = sampled_gradients(h, weight, y, n, state, label_smoothing, grad_loss[target_mask], need[0], need[1])
-    full_h = hidden.new_zeros(hidden.shape).index_put_((target_mask,), grad_h) if grad_h is not None else None
-    return (hidden.new_empty(0) if full_h is None else full_h), (weight.new_empty(0) if grad_w is None else grad_w)
-
-
-@sampled_backward_op.register_fake
-def _(hidden, weight, labels, target_mask, ids, lowering, label_smoothing, remove_accidental_hits, grad_loss, need):
-    return (torch.empty_like(hidden) if need[0] else hidden.new_empty(0),
-            torch.empty_like(weight) if need[1] else weight.new_empty(0))
-
-
-def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    hidden, weight, labels, target_mask, ids, lowering, label_smoothing, remove = inputs
-    ctx.save_for_backward(hidden, weight, labels, target_mask, ids, lowering)
-    ctx.static = (label_smoothing, remove)
-
-
-def _backward(ctx: Any, grad_loss: Tensor) -> tuple[Optional[Tensor], ...]:
-    hidden, weight, labels, target_mask, ids, lowering = ctx.saved_tensors
-    need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
-    grad_h, grad_w = sampled_backward_op(hidden, weight, labels, target_mask, ids, lowering, *ctx.static,
-                                         grad_loss, need)
-    return (grad_h if need[0] else None), (grad_w if need[1] else None), None, None, None, None, None, None
-
-
-sampled_op.register_autograd(_backward, setup_context=_setup_context)
-
-
 class RowsGradient:
     """The weight gradient, written only at the scored rows: an fp32 zero (V, H) buffer whose pages
     the kernel faults in as rows are first written (no memset, no pass over V × H). Low-precision
@@ -260,11 +168,35 @@ class RowsGradient:
         return grad.index_copy_(0, touched, self.sums[touched].to(self.weight.dtype))
 
 
-def sampled_token_losses(hidden: Tensor, weight: Tensor, labels: Tensor, negatives: Negatives, *,
-                         label_smoothing: float, log_q_correction: bool, remove_accidental_hits: bool) -> Tensor:
-    """(T,) fp32 losses of the supervised positions: ``hidden`` (T, H), ``labels`` (T,), negatives
-    (K,) shared or (T, K) per position. The semantics are ``reference.sampled_token_losses``'s."""
-    lowering = negatives.log_expected if log_q_correction else None
-    loss: Tensor = SampledSoftmax.apply(hidden, weight, labels, negatives.ids, lowering, float(label_smoothing),
-                                        remove_accidental_hits)
-    return loss
+def forward(inputs: Inputs, plan: SampledPlan, need: Need, dtype: torch.dtype,
+            weights: Optional[Tensor] = None) -> EngineOutput:
+    """Per-position losses (B, N) of hidden (B, N, H) against the head and, for the inputs ``need``
+    asks, the gradients of Σ coef·loss (or Σ weights·loss, backward's recompute)."""
+    hidden, weight = inputs[0], inputs[1]
+    assert weight is not None
+    B, N, H = hidden.shape
+    mask = plan.target_mask.reshape(-1)
+    h = hidden.reshape(-1, H)[mask]                                                            # (T, H)
+    y = plan.labels.reshape(-1)[mask]
+    shared = plan.negatives.dim() == 1
+    ids = plan.negatives if shared else plan.negatives[mask]
+    lowering = plan.lowering if plan.lowering is None or shared else plan.lowering[mask]
+    eps = plan.softmax.label_smoothing
+    loss, state = sampled_forward(h, weight, y, ids, lowering, eps, plan.remove_accidental_hits)
+    out = torch.zeros(B * N, dtype=torch.float32, device=hidden.device).masked_scatter_(mask, loss)
+    w = weights if weights is not None else plan.coef if any(need) else None
+    grads: GradTriple = (None, None, None)
+    if w is not None:
+        grad_h, grad_w = sampled_gradients(h, weight, y, ids, state, eps, w.reshape(-1)[mask], need[0], need[1])
+        full_h = None if grad_h is None else hidden.new_zeros(hidden.shape).index_put_((plan.target_mask,), grad_h)
+        grads = (full_h, grad_w, None)
+    return EngineOutput(out.view(B, N), grads)
+
+
+def backward(inputs: Inputs, plan: SampledPlan, weights: Tensor, need: Need, dtype: torch.dtype) -> GradTriple:
+    return forward(inputs, plan, need, dtype, weights).grads
+
+
+def engine() -> Engine:
+    """This engine: scalar outputs get their gradients in forward, per-position ones recompute."""
+    return Engine(forward, backward, rowwise=False)

@@ -65,10 +65,12 @@ def test_class_weights_and_z_loss_pass_through_patch():
     model, batch = gemma(), causal_batch()
     w = torch.rand(V, generator=torch.Generator().manual_seed(0))
     logits = model(input_ids=batch["input_ids"]).logits
-    seqloss.hf.patch(model, "smile", fused=True, class_weight=w, z_loss=1e-3)
+    seqloss.hf.patch(model, "smile", fused=True, weight=w, z_loss=1e-3)
     expected = seqloss.smile_loss(logits, batch["labels"], shift=True, weight=w, z_loss=1e-3)
     torch.testing.assert_close(model(**batch).loss, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="class weights must be a floating-point tensor of shape"):
-        seqloss.hf.patch(model, "smile", class_weight=torch.ones(V + 2))
+        seqloss.hf.patch(model, "smile", weight=torch.ones(V + 2))
+    with pytest.raises(TypeError, match="weight="):  # objective_loss's name, whatever the path
+        seqloss.hf.patch(model, "smile", fused=True, class_weight=w)
     with pytest.raises(ValueError, match="return_stats"):
         seqloss.hf.patch(model, "smile", return_stats=True)

@@ -20,7 +20,7 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "compiling needs Triton withou
 POINTERS = dict(rows_ptr="*i64", labels_ptr="*i64", brows_ptr="*i64", cols_ptr="*i64", bitmap_ptr="*i8",
                 max_ptr="*fp32", sum_ptr="*fp32", zsum_ptr="*fp32", size_ptr="*fp32", zy_ptr="*fp32",
                 coef_ptr="*fp32", lse_ptr="*fp32", gw_ptr="*fp32", gb_ptr="*fp32", pscale_ptr="*fp32", eps="fp32",
-                cap="fp32")
+                cap="fp32", best_ptr="*fp32", arg_ptr="*i32")
 
 
 def compile_variant(fn, dtype: str, fused: bool, constants: dict) -> None:
@@ -40,7 +40,7 @@ def main() -> None:
         blocks = dict(BLOCK_M=64, BLOCK_C=128, BLOCK_H=64) if fused else dict(BLOCK_M=4, BLOCK_C=2048, BLOCK_H=64)
         common = dict(LIST=listed, EXCLUDE=not listed, FUSED=fused, HAS_BIAS=True, SOFTCAP=listed, UPCAST=False,
                       PRECISION="tf32", **blocks)
-        compile_variant(kern._stats_kernel, dtype, fused, common)
+        compile_variant(kern._stats_kernel, dtype, fused, dict(common, ARGMAX=not listed))
         compile_variant(kern._grad_kernel, dtype, fused,
                         dict(common, STORE=not listed, GRAD_X=True, GRAD_W=fused, GRAD_B=fused,
                              FILTER=2.0 ** -12 if fused else 0.0))
@@ -53,6 +53,10 @@ def main() -> None:
                     dict(LIST=True, EXCLUDE=False, FUSED=True, HAS_BIAS=False, SOFTCAP=False, UPCAST=False,
                          PRECISION="ieee", STORE=False, GRAD_X=True, GRAD_W=True, GRAD_B=False, FILTER=0.0,
                          BLOCK_M=16, BLOCK_C=128, BLOCK_H=64))
+    # return_stats on a full part without exclusions (MLE): the statistics pass with its argmax.
+    compile_variant(kern._stats_kernel, dtype, True,
+                    dict(LIST=False, EXCLUDE=False, FUSED=True, HAS_BIAS=False, SOFTCAP=False, UPCAST=False,
+                         PRECISION="tf32", ARGMAX=True, BLOCK_M=64, BLOCK_C=128, BLOCK_H=64))
 
 
 if __name__ == "__main__":

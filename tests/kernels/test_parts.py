@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqloss._validate import check_common, check_objective, route_options
+from seqloss._validate import check_logits_call
 from seqloss.kernels.parts import _bitmap, blocks_for, combine, full_part, list_part, parts_of, slot_values
-from seqloss.plan import plan_of, targets_of
+from seqloss.plan import plan_of
 from tests.conftest import make_labels
 
 
 def test_bitmap_flags_listed_ids_and_ignores_padding():
-    exclude = torch.tensor([[[3, 0, -1]], [[-1, -1, -1]]])
+    exclude = torch.tensor([[3, 0, -1], [-1, -1, -1]])
     bitmap = _bitmap(exclude, 5)
     assert bitmap.dtype == torch.int8
     assert bitmap.tolist() == [[1, 0, 0, 1, 0], [0, 0, 0, 0, 0]]
@@ -36,12 +36,12 @@ def test_full_part_covers_every_position_only_when_asked_and_mostly_set(cover, f
     part = full_part(None, positions, 3, cover)
     assert part.covers_all == covers_all
     expected = torch.arange(10) if covers_all else positions.reshape(-1).nonzero().squeeze(1)
-    assert torch.equal(part.rows, expected.unsqueeze(0))
+    assert torch.equal(part.slot_positions, expected.unsqueeze(0))
 
 
 def test_full_part_bitmap_rows_follow_the_batch_row():
     positions = torch.ones(2, 3, dtype=torch.bool)
-    part = full_part(torch.tensor([[[1]], [[2]]]), positions, 4, cover_all=False)
+    part = full_part(torch.tensor([[1], [2]]), positions, 4, cover_all=False)
     assert part.brows.tolist() == [[0, 0, 0, 1, 1, 1]]
     assert part.bitmap.tolist() == [[0, 1, 0, 0], [0, 0, 1, 0]]
 
@@ -49,22 +49,20 @@ def test_full_part_bitmap_rows_follow_the_batch_row():
 def test_list_parts_group_by_the_shared_list():
     positions = torch.tensor([[True, False, True], [True, True, False]])
     per_row = list_part(torch.tensor([[[4, 5]], [[6, -1]]]), positions)
-    assert per_row.rows.tolist() == [[0, -1, 2], [3, 4, -1]] and per_row.cols.tolist() == [[4, 5], [6, -1]]
+    assert per_row.slot_positions.tolist() == [[0, -1, 2], [3, 4, -1]] and per_row.cols.tolist() == [[4, 5], [6, -1]]
     per_position = list_part(torch.arange(12).reshape(2, 3, 2), positions)
-    assert per_position.rows.tolist() == [[0], [-1], [2], [3], [4], [-1]]
+    assert per_position.slot_positions.tolist() == [[0], [-1], [2], [3], [4], [-1]]
     assert per_position.cols.shape == (6, 2)
     assert slot_values(per_position, torch.arange(6.0).reshape(2, 3)).tolist() == [0, 0, 2, 3, 4, 0]
 
 
 def test_smile_gives_a_first_token_part_then_a_list_part():
     labels = make_labels(2, 6, vocab_size=9, ignore_fraction=0.0)
-    common = check_common({})
-    members = route_options(check_objective({"mle": 0.5, "smile": 0.5}), {}, 9, (2,), 6)
-    plan = plan_of(targets_of(labels, common, 9), members, common)
+    plan = plan_of(check_logits_call({"mle": 0.5, "smile": 0.5}, {}, torch.zeros(2, 6, 9), labels))
     parts = list(parts_of(plan, 9, cover_first=True))
     assert [(alpha, part.cols is None, part.covers_all) for alpha, part in parts] == \
         [(0.5, True, True), (0.5, True, False), (0.5, False, False)]
-    assert parts[1][1].rows.tolist() == [[0, 6]]  # SMILE's first supervised position of each row
+    assert parts[1][1].slot_positions.tolist() == [[0, 6]]  # SMILE's first supervised position of each row
 
 
 def test_interpreter_blocks_reach_every_loop(monkeypatch):

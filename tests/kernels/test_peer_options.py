@@ -29,7 +29,8 @@ def test_peer_options_on_the_kernels_equal_the_spec(name, option):
     objective, extra = _objective(name)
     options = dict(shift=True, **OPTIONS[option], **extra)
     reduction = ("mean", "none")[OBJECTIVES.index(name) % 2]
-    runs = [_on_logits(impl, logits, labels, objective, reduction=reduction, **options)
+    on_logits = {("weight" if key == "class_weight" else key): value for key, value in options.items()}
+    runs = [_on_logits(impl, logits, labels, objective, reduction=reduction, **on_logits)
             for impl in ("triton", "reference")]
     _assert_same(*runs)
     runs = [_on_head(impl, hidden, weight, bias, labels, objective, reduction=reduction, **options)

@@ -8,7 +8,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 from .heads import linear_head
@@ -25,6 +27,37 @@ def logit_softcap(model: Any) -> Any:
     """The model's own logit soft-cap c (logits = c·tanh(z / c) after the head), or None."""
     config = getattr(model, "config", None)
     return getattr(config, SOFTCAP, None)
+
+
+def check_own_softcap(model: Any, options: dict[str, Any]) -> None:
+    """A model that soft-caps its logits itself takes no ``softcap`` option as well."""
+    if options.get("softcap") is not None and logit_softcap(model) is not None:
+        raise ValueError(f"{type(model).__name__} soft-caps its logits itself (config.{SOFTCAP}="
+                         f"{logit_softcap(model)}); do not pass softcap to patch() as well")
+
+
+def fused_loss_options(options: dict[str, Any], model: Any = None) -> dict[str, Any]:
+    """``objective_loss``'s options as ``linear_loss`` takes them: class weights as ``class_weight``
+    (its ``weight`` is the head), and the soft-cap of a ``model`` that caps its logits itself (the
+    fused loss applies it; see :func:`logits_capped_by`)."""
+    out = {("class_weight" if key == "weight" else key): value for key, value in options.items()}
+    cap = None if model is None else logit_softcap(model)
+    return out if cap is None else {**out, "softcap": float(cap)}
+
+
+@contextlib.contextmanager
+def logits_uncapped(model: Any) -> Iterator[None]:
+    """Switch the model's own logit soft-cap off for the length of a call (a model without one is
+    left as it is), so that the hidden states a bypassed head passes through are not capped."""
+    previous = logit_softcap(model)
+    if previous is None:
+        yield
+        return
+    setattr(model.config, SOFTCAP, None)
+    try:
+        yield
+    finally:
+        setattr(model.config, SOFTCAP, previous)
 
 
 def _calls_loss_function(cls: Any) -> bool:

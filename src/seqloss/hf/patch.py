@@ -16,9 +16,18 @@ import torch
 from torch import Tensor
 
 from .. import functional
-from .._validate import check_call
+from .._validate import check_options
 from ..functional import linear_loss
-from .families import BLIP, CAUSAL, SEQ2SEQ, SOFTCAP, check_fusable, family_of, logit_softcap
+from .families import (
+    BLIP,
+    CAUSAL,
+    SEQ2SEQ,
+    check_fusable,
+    check_own_softcap,
+    family_of,
+    fused_loss_options,
+    logits_uncapped,
+)
 from .heads import linear_head, peft_base_model
 
 _STATE = "_seqloss_patch"
@@ -32,6 +41,14 @@ BYPASS = ("TRL's SFTTrainer computes its own loss (a fused log-probability head)
           "seqloss.hf.sft_trainer(objective, ..., model=..., args=..., train_dataset=...) instead")
 
 
+def check_loss_options(objective: Any, options: dict[str, Any], vocab_size: Optional[int] = None) -> None:
+    """The objective and the options :func:`patch`, ``compute_loss_func`` and ``sft_trainer`` take:
+    those of :func:`seqloss.objective_loss` (class weights as ``weight=``), checked before training."""
+    if "class_weight" in options:
+        raise TypeError("pass class weights as weight= (as seqloss.objective_loss and F.cross_entropy take them)")
+    check_options(objective, fused_loss_options(options), vocab_size)
+
+
 def _check_options(model: Any, objective: Any, options: dict[str, Any]) -> None:
     """Validate the objective and options at patch time, not at the first training step."""
     for key in _RESERVED:
@@ -41,11 +58,9 @@ def _check_options(model: Any, objective: Any, options: dict[str, Any]) -> None:
         raise ValueError(f"reduction must be 'mean' or 'sum' for a model's loss, got {options['reduction']!r}")
     if options.get("return_stats"):
         raise ValueError("return_stats is for direct calls: a model's loss must be a tensor")
-    if options.get("softcap") is not None and logit_softcap(model) is not None:
-        raise ValueError(f"{type(model).__name__} soft-caps its logits itself (config.{SOFTCAP}="
-                         f"{logit_softcap(model)}); do not pass softcap to patch() as well")
+    check_own_softcap(model, options)
     owner = model.text_decoder if family_of(model) == BLIP else model
-    check_call(objective, options, vocab_size=owner.get_output_embeddings().weight.shape[0])
+    check_loss_options(objective, options, vocab_size=owner.get_output_embeddings().weight.shape[0])
 
 
 def _replaced(out: Any, **changes: Any) -> Any:
@@ -123,8 +138,7 @@ def _fused_causal_forward(model: Any, original_of: Callable, objective: Any, opt
     where = f"{type(model).__name__}.get_output_embeddings()"
     # A model that soft-caps its logits (Gemma 2/3) would cap the hidden states the bypassed head
     # passes through: its cap is switched off for the call and applied inside the fused loss instead.
-    softcap = logit_softcap(model)
-    loss_options = options if softcap is None else {**options, "softcap": float(softcap)}
+    loss_options = fused_loss_options(options, model)
 
     def forward(model, *args, labels=None, **kwargs):
         original = original_of(model)
@@ -148,13 +162,10 @@ def _fused_causal_forward(model: Any, original_of: Callable, objective: Any, opt
         previous = model.__dict__.get("_loss_function")
         head.__dict__["forward"] = _pass_through
         model.__dict__["_loss_function"] = fused_loss   # what transformers' loss_function setter stores
-        if softcap is not None:
-            setattr(model.config, SOFTCAP, None)
         try:
-            out = original(*args, labels=labels, **kwargs)
+            with logits_uncapped(model):
+                out = original(*args, labels=labels, **kwargs)
         finally:
-            if softcap is not None:
-                setattr(model.config, SOFTCAP, softcap)
             head.__dict__.pop("forward", None)
             if previous is None:
                 model.__dict__.pop("_loss_function", None)

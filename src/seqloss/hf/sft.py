@@ -15,8 +15,7 @@ import re
 import warnings
 from typing import Any, Optional
 
-from .._validate import check_call
-from .patch import BYPASS, patch
+from .patch import BYPASS, check_loss_options, patch
 
 
 def sft_trainer(objective: Any = "smile", *, fused: bool = False, loss_options: Optional[dict[str, Any]] = None,
@@ -32,7 +31,7 @@ def sft_trainer(objective: Any = "smile", *, fused: bool = False, loss_options: 
     the args (pass ``label_smoothing`` in ``loss_options``: it then spreads over the objective's support).
     """
     options = dict(loss_options or {})
-    check_call(objective, options)
+    check_loss_options(objective, options)
     if trainer_kwargs.get("compute_loss_func") is not None:
         raise ValueError("sft_trainer trains the objective it is given; compute_loss_func would replace it")
     args = trainer_kwargs.get("args")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .. import functional
-from .._validate import check_call
+from .patch import check_loss_options
 
 
 def compute_loss_func(objective: Any = "smile", *, shift: bool = True, **options: Any) -> Callable:
@@ -17,7 +17,7 @@ def compute_loss_func(objective: Any = "smile", *, shift: bool = True, **options
     inputs, so packed batches (``position_ids``) cannot reach it: train those with :func:`patch`, and
     TRL's ``SFTTrainer`` with :func:`seqloss.hf.sft_trainer`.
     """
-    check_call(objective, {"shift": shift, **options})
+    check_loss_options(objective, {"shift": shift, **options})
 
     def loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]

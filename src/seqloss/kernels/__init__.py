@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+
+from ..plan import Engine
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -24,11 +26,13 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
             f"and these are on {device.type!r}")
 
 
-def logits_engine() -> Callable:
-    from .engine import logits_forward
-    return logits_forward
+def logits_engine() -> Engine:
+    """The Triton engine of the logits path (imports Triton)."""
+    from .engine import logits_engine as load
+    return load()
 
 
-def linear_engine() -> Callable:
-    from .engine import linear_forward
-    return linear_forward
+def linear_engine() -> Engine:
+    """The Triton engine of the fused head (imports Triton)."""
+    from .engine import linear_engine as load
+    return load()

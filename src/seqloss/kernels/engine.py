@@ -1,24 +1,27 @@
-"""The Triton engines: the same contracts as the torch engines of ``torch_logits.py`` and ``torch_linear.py``.
+"""The Triton engines: the contract of ``plan.Engine``, as the torch engines of ``torch_logits.py``
+and ``torch_linear.py``.
 
-``logits_forward(logits, plan, need_grad)`` → per-position losses and the (B, N, V) gradient of
-Σ coef·loss, written once (the first full part stores every row, later parts add).
-``linear_forward(hidden, weight, bias, plan, w_all, need)`` → per-position losses and, given
-``w_all``, fp32 gradients of Σ w·loss for hidden, weight and bias; the logits exist only as tiles
-(statistics pass, then a gradient pass that recomputes its tiles, as Cut Cross-Entropy does).
+The logits path writes the (B, N, V) gradient of Σ coef·loss once (the first full part stores every
+row, later parts add). The fused head accumulates fp32 gradients of Σ w·loss for hidden, weight and
+bias; its logits exist only as tiles (a statistics pass, then a gradient pass that recomputes its
+tiles, as Cut Cross-Entropy does). With ``plan.stats`` the statistics pass of full parts also finds
+each position's argmax; positions that only list parts score get one statistics pass over the
+vocabulary for it, without gradients.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 from torch import Tensor
 
-from .._buffers import Grads
-from ..plan import Plan
+from .._buffers import Grads, GradTriple, in_compute_dtype
+from ..plan import Engine, EngineOutput, Inputs, Need, Plan
+from ..token_math import PositionSums, TokenTerms
 from . import support_ce as kern
-from .parts import Blocks, Part, blocks_for, combine, interpreting, parts_of, slot_values
+from .parts import Blocks, Part, blocks_for, combine, full_part, interpreting, parts_of, slot_values
 
 
 @dataclass
@@ -30,11 +33,7 @@ class Source:
     vocab_size: int
     weight: Optional[Tensor] = None
     bias: Optional[Tensor] = None
-    softcap: Optional[float] = None  # tile logits are capped in the kernels
-
-    @property
-    def cap(self) -> float:
-        return 1.0 if self.softcap is None else float(self.softcap)
+    cap: float = 0.0  # c > 0: tile logits are capped to c·tanh(z / c) in the kernels
 
     @property
     def fused(self) -> bool:
@@ -49,7 +48,7 @@ class Source:
 
     def flags(self) -> dict:
         dtype = self.x.dtype
-        return dict(FUSED=self.fused, HAS_BIAS=self.bias is not None, SOFTCAP=self.softcap is not None,
+        return dict(FUSED=self.fused, HAS_BIAS=self.bias is not None, SOFTCAP=self.cap > 0,
                     UPCAST=interpreting(), PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
     def pointers(self) -> tuple[Tensor, Tensor, Tensor, int, int]:
@@ -61,30 +60,46 @@ class Source:
 
 def _layout(part: Part, src: Source) -> tuple[int, int, int, Tensor, Tensor, Tensor]:
     """G, M, C and the (possibly placeholder) tensors for the cols, brows and bitmap arguments."""
-    G, M = part.rows.shape
+    slots = part.slot_positions
+    G, M = slots.shape
     C = src.vocab_size if part.cols is None else part.cols.shape[1]
-    cols = part.rows if part.cols is None else part.cols
-    brows = part.rows if part.brows is None else part.brows
-    bitmap = part.rows if part.bitmap is None else part.bitmap
+    cols = slots if part.cols is None else part.cols
+    brows = slots if part.brows is None else part.brows
+    bitmap = slots if part.bitmap is None else part.bitmap
     return G, M, C, cols, brows, bitmap
 
 
-def statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """lse, Σ z, support size and label logit of every slot of a part (each (P,) fp32)."""
+class Statistics(NamedTuple):
+    """Per slot of a part (each (P,)): lse, Σ z and size of the support, the label's logit, and
+    with ``argmax`` the id of the largest logit over all V ids."""
+
+    lse: Tensor
+    zsum: Tensor
+    size: Tensor
+    z_y: Tensor
+    predicted: Optional[Tensor] = None
+
+
+def statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor, argmax: bool = False) -> Statistics:
+    """One statistics pass over a part's slots (``argmax`` for full parts only)."""
     G, M, C, cols, brows, bitmap = _layout(part, src)
     P = G * M
     per_split = triton.cdiv(triton.cdiv(C, blocks.c), blocks.splits)
     splits = triton.cdiv(triton.cdiv(C, blocks.c), per_split)
-    out = torch.empty(4, splits, P, dtype=torch.float32, device=src.x.device)
-    z_y = torch.empty(P, dtype=torch.float32, device=src.x.device)
+    device = src.x.device
+    out = torch.empty(4, splits, P, dtype=torch.float32, device=device)
+    z_y = torch.empty(P, dtype=torch.float32, device=device)
+    best = torch.empty(splits, P, dtype=torch.float32, device=device) if argmax else z_y
+    arg = torch.empty(splits, P, dtype=torch.int32, device=device) if argmax else z_y
     x, w, b, H, stride_w = src.pointers()
     kern._stats_kernel[(G * triton.cdiv(M, blocks.m), splits)](
-        x, w, b, part.rows, labels, brows, cols, bitmap, out[0], out[1], out[2], out[3], z_y,
-        M, C, src.vocab_size, H, P, x.stride(0), stride_w, per_split, src.cap,
-        LIST=part.cols is not None, EXCLUDE=part.bitmap is not None, **src.flags(),
+        x, w, b, part.slot_positions, labels, brows, cols, bitmap, out[0], out[1], out[2], out[3], z_y, best, arg,
+        M, C, src.vocab_size, H, P, x.stride(0), stride_w, per_split, src.cap or 1.0,
+        LIST=part.cols is not None, EXCLUDE=part.bitmap is not None, **src.flags(), ARGMAX=argmax,
         BLOCK_M=blocks.m, BLOCK_C=blocks.c, BLOCK_H=blocks.h)
     lse, zsum, size = combine(out)
-    return lse, zsum, size, z_y
+    predicted = arg.gather(0, best.argmax(0, keepdim=True)).squeeze(0).long() if argmax else None
+    return Statistics(lse, zsum, size, z_y, predicted)
 
 
 def gradients(src: Source, part: Part, blocks: Blocks, labels: Tensor, coef: Tensor, lse: Tensor, size: Tensor,
@@ -99,74 +114,111 @@ def gradients(src: Source, part: Part, blocks: Blocks, labels: Tensor, coef: Ten
     gx_, gw_, gb_ = (spare if t is None else t for t in (gx, gw, gb))
     wanted = dict(GRAD_X=gx is not None, GRAD_W=gw is not None, GRAD_B=gb is not None)
     kern._grad_kernel[(G * triton.cdiv(M, blocks.m), triton.cdiv(C, blocks.c))](
-        x, w, b, part.rows, labels, brows, cols, bitmap, coef, lse, size, pscale, eps, gx_, gw_, gb_,
-        M, C, src.vocab_size, H, x.stride(0), stride_w, gx_.stride(0), gw_.stride(0), src.cap,
+        x, w, b, part.slot_positions, labels, brows, cols, bitmap, coef, lse, size, pscale, eps, gx_, gw_, gb_,
+        M, C, src.vocab_size, H, x.stride(0), stride_w, gx_.stride(0), gw_.stride(0), src.cap or 1.0,
         LIST=part.cols is not None, EXCLUDE=part.bitmap is not None, **src.flags(), STORE=store, **wanted,
         FILTER=src.filter,
         BLOCK_M=blocks.m, BLOCK_C=blocks.c, BLOCK_H=blocks.h)
     P = G * M
     kern._label_grad_kernel[(triton.cdiv(P, blocks.m),)](
-        x, w, part.rows, labels, coef, lse, size, z_y, pscale, eps, gx_, gw_, gb_,
-        P, H, x.stride(0), stride_w, gx_.stride(0), gw_.stride(0), src.cap,
-        FUSED=src.fused, SOFTCAP=src.softcap is not None, **wanted, BLOCK_M=blocks.m, BLOCK_H=blocks.h)
+        x, w, part.slot_positions, labels, coef, lse, size, z_y, pscale, eps, gx_, gw_, gb_,
+        P, H, x.stride(0), stride_w, gx_.stride(0), gw_.stride(0), src.cap or 1.0,
+        FUSED=src.fused, SOFTCAP=src.cap > 0, **wanted, BLOCK_M=blocks.m, BLOCK_H=blocks.h)
 
 
-def _add_losses(loss: Tensor, part: Part, alpha: float, eps: float, z_loss: float,
-                lse: Tensor, zsum: Tensor, size: Tensor, z_y: Tensor) -> None:
-    """loss (B·N,) += alpha · (lse - (1-ε)·z_y - ε·mean z + ζ·lse²) at the part's scored slots."""
-    tok = lse - z_y if not eps else lse - (1 - eps) * z_y - eps * zsum / size
-    if z_loss:
-        tok = tok + z_loss * lse * lse
+def _add_terms(sums: PositionSums, part: Part, alpha: float, plan: Plan, stats: Statistics) -> None:
+    """alpha · (lse - (1-ε)·z_y - ε·mean z + ζ·lse²) at the part's scored slots, with the z-loss
+    terms and the argmax ids."""
+    eps, zeta = plan.softmax.label_smoothing, plan.softmax.z_loss
+    lse, z_y = stats.lse, stats.z_y
+    tok = lse - z_y if not eps else lse - (1 - eps) * z_y - eps * stats.zsum / stats.size
+    z_term = zeta * lse * lse if zeta else None
+    if z_term is not None:
+        tok = tok + z_term
     on = slot_values(part, part.positions)
-    loss.index_add_(0, part.slots[on], alpha * tok[on])
+    sums.add(part.slots[on], alpha, TokenTerms(tok[on], None if z_term is None else z_term[on],
+                                               None if stats.predicted is None else stats.predicted[on]))
 
 
-def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights: Optional[Tensor], loss: Tensor,
-               gx: Optional[Tensor], gw: Optional[Tensor] = None, gb: Optional[Tensor] = None) -> None:
+def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights: Optional[Tensor],
+               sums: PositionSums, gx: Optional[Tensor], gw: Optional[Tensor] = None,
+               gb: Optional[Tensor] = None) -> None:
     """Every part: losses, and gradients weighted by ``weights`` (B, N) when given. Only a first
-    part that covers every position stores; the others add."""
+    part that covers every position stores; the others add. With ``plan.stats``, the supervised
+    positions no full part scored get their argmax from one more statistics pass."""
     labels = plan.labels.reshape(-1).contiguous()
-    eps = plan.label_smoothing
+    eps, zeta = plan.softmax.label_smoothing, plan.softmax.z_loss
     for i, (alpha, part) in enumerate(parts):
-        if part.rows.numel() == 0:
+        if part.slot_positions.numel() == 0:
             continue
         C = src.vocab_size if part.cols is None else part.cols.shape[1]
         blocks = blocks_for(part, C, src.fused, src.x.device)
-        lse, zsum, size, z_y = statistics(src, part, blocks, labels)
-        _add_losses(loss, part, alpha, eps, plan.z_loss, lse, zsum, size, z_y)
+        stats = statistics(src, part, blocks, labels, argmax=plan.stats and part.cols is None)
+        _add_terms(sums, part, alpha, plan, stats)
         if weights is not None:
             coef = alpha * slot_values(part, weights * part.positions).float().contiguous()
-            pscale = (1 + 2 * plan.z_loss * lse).contiguous()  # d(ζ·lse²)/dz = 2ζ·lse·p
-            gradients(src, part, blocks, labels, coef, lse, size, z_y, pscale, eps, gx, gw, gb,
+            pscale = (1 + 2 * zeta * stats.lse).contiguous()  # d(ζ·lse²)/dz = 2ζ·lse·p
+            gradients(src, part, blocks, labels, coef, stats.lse, stats.size, stats.z_y, pscale, eps, gx, gw, gb,
                       store=i == 0 and part.covers_all)
+    rest = sums.unpredicted(plan.target_mask) if plan.stats else None
+    if rest is not None and rest.numel():
+        positions = torch.zeros_like(plan.target_mask).view(-1).index_fill_(0, rest, True)
+        part = full_part(None, positions.view_as(plan.target_mask), src.vocab_size, cover_all=False)
+        stats = statistics(src, part, blocks_for(part, src.vocab_size, src.fused, src.x.device), labels, argmax=True)
+        assert stats.predicted is not None
+        sums.set_predicted(part.slots, stats.predicted)
 
 
-def logits_forward(logits: Tensor, plan: Plan, need_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """Per-position losses (B, N) fp32 and, if asked, the gradient of Σ coef·loss w.r.t. the logits."""
+def logits_forward(inputs: Inputs, plan: Plan, need: Need, dtype: torch.dtype) -> EngineOutput:
+    """Per-position losses (B, N) fp32 and, if ``need`` asks, the gradient of Σ coef·loss w.r.t. the logits."""
+    logits = inputs[0]
     B, N, V = logits.shape
     x = logits.reshape(B * N, V)
     if x.stride(1) != 1:
         x = x.contiguous()
-    loss = torch.zeros(B * N, dtype=torch.float32, device=x.device)
-    parts = list(parts_of(plan, V, cover_first=need_grad))
+    sums = PositionSums(B * N, x.device, plan.stats)
+    parts = list(parts_of(plan, V, cover_first=need[0]))
     grad = None
-    if need_grad:  # a first part covering every position writes every row: no zeroing needed
+    if need[0]:  # a first part covering every position writes every row: no zeroing needed
         grad = torch.empty_like(x) if parts and parts[0][1].covers_all else torch.zeros_like(x)
-    _run_parts(Source(x, V, softcap=plan.softcap), plan, parts, plan.coef if need_grad else None, loss, gx=grad)
-    return loss.view(B, N), (grad.view(B, N, V) if grad is not None else None)
+    _run_parts(Source(x, V, cap=plan.softmax.softcap), plan, parts, plan.coef if need[0] else None,
+               sums, gx=grad)
+    return _output(sums, (B, N), (None if grad is None else grad.view(B, N, V), None, None))
 
 
-def linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, w_all: Optional[Tensor],
-                   need: tuple[bool, bool, bool]) -> tuple[Tensor, Grads]:
-    """Per-position losses (B, N) and, when ``w_all`` (B, N) is given, fp32 gradients of Σ w·loss."""
+def linear_forward(inputs: Inputs, plan: Plan, need: Need, dtype: torch.dtype,
+                   weights: Optional[Tensor] = None) -> EngineOutput:
+    """Per-position losses (B, N) and the gradients ``need`` asks for: of Σ coef·loss, or of
+    Σ weights·loss when ``weights`` (B, N) are given (backward's recompute)."""
+    hidden, weight, bias = in_compute_dtype(inputs, dtype)
+    assert weight is not None
     B, N, H = hidden.shape
     V = weight.shape[0]
+    w_all = weights if weights is not None else plan.coef if any(need) else None
     grads = Grads.allocate(B * N, H, V, hidden.device, w_all is not None, need)
     if grads.want_weight:  # the kernels add into it from the start
         grads.weight_buffer(hidden.device)
     src = Source(hidden.reshape(B * N, H).contiguous(), V, weight.contiguous(),
-                 None if bias is None else bias.contiguous(), plan.softcap)
-    loss = torch.zeros(B * N, dtype=torch.float32, device=hidden.device)
-    _run_parts(src, plan, list(parts_of(plan, V, cover_first=False)), w_all, loss,
+                 None if bias is None else bias.contiguous(), plan.softmax.softcap)
+    sums = PositionSums(B * N, hidden.device, plan.stats)
+    _run_parts(src, plan, list(parts_of(plan, V, cover_first=False)), w_all, sums,
                gx=grads.hidden, gw=grads.weight, gb=grads.bias)
-    return loss.view(B, N), grads
+    return _output(sums, (B, N), grads.results(inputs))
+
+
+def linear_backward(inputs: Inputs, plan: Plan, weights: Tensor, need: Need, dtype: torch.dtype) -> GradTriple:
+    """The gradients of Σ weights·loss, recomputed (per-position outputs learn their weights only here)."""
+    return linear_forward(inputs, plan, need, dtype, weights).grads
+
+
+def _output(sums: PositionSums, shape: tuple[int, int], grads: GradTriple) -> EngineOutput:
+    return EngineOutput(sums.loss.view(shape), grads, None if sums.z_part is None else sums.z_part.view(shape),
+                        None if sums.predicted is None else sums.predicted.view(shape))
+
+
+def logits_engine() -> Engine:
+    return Engine(logits_forward, None, rowwise=True)
+
+
+def linear_engine() -> Engine:
+    return Engine(linear_forward, linear_backward, rowwise=False)

@@ -3,7 +3,7 @@
 A plan's members are turned into *parts*, each one launch of the kernels in ``support_ce.py``:
 
 * a full part — every listed position scores all V ids, minus an exclusion bitmap (one row of V
-  flags per batch row, or per position when exclusions are per position);
+  flags per row or sequence);
 * a list part — positions grouped by the list they share (a batch row for (B, 1, K) lists, a single
   position for (B, N, K) lists), scoring the label plus the list's ids.
 
@@ -24,18 +24,18 @@ from ..plan import Plan, mostly, sequence_groups
 
 @dataclass
 class Part:
-    """One launch: ``rows`` (G, M) flat positions (-1 = empty slot), and the columns they score."""
+    """One launch: G groups of M slots, each slot a flat position (-1 = empty), and the columns they score."""
 
-    rows: Tensor                   # (G, M) long
+    slot_positions: Tensor         # (G, M) long
     positions: Tensor              # (B, N) bool: the positions this part scores
     cols: Optional[Tensor] = None  # (G, K) long ids, PAD = -1; None = all V ids
-    bitmap: Optional[Tensor] = None  # (R, V) int8, 1 = excluded id
+    bitmap: Optional[Tensor] = None  # (L, V) int8, 1 = excluded id
     brows: Optional[Tensor] = None   # (G, M) long: the bitmap row of each slot
     covers_all: bool = False         # every position of the batch is a slot (weight 0 where off)
 
     @property
     def slots(self) -> Tensor:
-        return self.rows.reshape(-1)
+        return self.slot_positions.reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def blocks_for(part: Part, columns: int, fused: bool, device: torch.device) -> B
     """Tile sizes for a part. Under the interpreter: small tiles and two splits, so that tests at
     small shapes go through every loop and the split merge. On a GPU: tensor-core tiles for the
     fused head, wide rows for the logits path, and enough splits to fill the multiprocessors."""
-    G, M = part.rows.shape
+    G, M = part.slot_positions.shape
     if interpreting():
         m = 16 if fused else 4
         c, h = 16, 16
@@ -71,10 +71,9 @@ def blocks_for(part: Part, columns: int, fused: bool, device: torch.device) -> B
 
 
 def _bitmap(exclude: Tensor, vocab_size: int) -> Tensor:
-    """(B, 1 or N, K) PAD-padded exclusion lists → (B or B·N, V) int8 flags."""
-    flat = exclude.reshape(-1, exclude.shape[-1])
-    counts = torch.zeros(flat.shape[0], vocab_size, dtype=torch.int32, device=exclude.device)
-    counts.scatter_add_(1, flat.clamp(min=0), (flat >= 0).to(torch.int32))
+    """(L, K) PAD-padded exclusion lists → (L, V) int8 flags."""
+    counts = torch.zeros(exclude.shape[0], vocab_size, dtype=torch.int32, device=exclude.device)
+    counts.scatter_add_(1, exclude.clamp(min=0), (exclude >= 0).to(torch.int32))
     return (counts > 0).to(torch.int8)
 
 
@@ -82,23 +81,21 @@ def full_part(exclude: Optional[Tensor], positions: Tensor, vocab_size: int, cov
               sequence: Optional[Tensor] = None) -> Part:
     """Positions (B, N) bool scoring every id but ``exclude``; with ``cover_all`` (and most positions
     set) every position becomes a slot, so that the launch writes every row of a fresh gradient.
-    ``sequence`` (B, N): the list of each position in (S, 1, K) exclusions (see ``Plan.sequence``)."""
+    ``sequence`` (B, N): the list of each position among per-sequence exclusions (see ``Plan.sequence``)."""
     B, N = positions.shape
     every = cover_all and mostly(positions)
     flat = torch.arange(B * N, device=positions.device) if every else positions.reshape(-1).nonzero().squeeze(1)
     part = Part(flat.unsqueeze(0), positions, covers_all=every)
     if exclude is not None:
         part.bitmap = _bitmap(exclude, vocab_size)
-        if exclude.shape[1] > 1:
-            part.brows = part.rows
-        else:
-            part.brows = part.rows // N if sequence is None else sequence.reshape(-1)[part.rows]
+        slots = part.slot_positions
+        part.brows = slots // N if sequence is None else sequence.reshape(-1)[slots]
     return part
 
 
 def list_part(ids: Tensor, positions: Tensor, sequence: Optional[Tensor] = None) -> Part:
-    """Positions (B, N) bool scoring their label plus ``ids`` (B, 1 or N, K), or (S, 1, K) lists of
-    the sequences ``sequence`` (B, N) maps positions to."""
+    """Positions (B, N) bool scoring their label plus ``ids`` (B, 1, K) per row, (B, N, K) per
+    position, or (S, 1, K) lists of the sequences ``sequence`` (B, N) maps positions to."""
     B, N = positions.shape
     flat = torch.arange(B * N, device=positions.device).reshape(B, N)
     rows = torch.where(positions, flat, -1)

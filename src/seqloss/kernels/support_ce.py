@@ -8,7 +8,9 @@ so a label is counted once whatever the lists hold.
 
 * ``_stats_kernel`` — one pass of online log-sum-exp over a slot's columns (split over ``S``
   programs for parallelism; ``parts.combine`` merges the splits), with the sums label smoothing
-  needs. Logits come from memory (``FUSED=False``) or from ``hidden @ weight[cols].T`` tiles.
+  needs and, with ``ARGMAX`` (``return_stats``), the running argmax over every column — excluded
+  ids and the label included. Logits come from memory (``FUSED=False``) or from
+  ``hidden @ weight[cols].T`` tiles.
 * ``_grad_kernel`` — the gradient of Σ w·loss on the columns, written once: into the logits'
   gradient, or (fused) recomputing the tile and adding ``g @ W`` and ``g.T @ h`` with fp32 atomics.
 * ``_label_grad_kernel`` — the label's own gradient term, per slot.
@@ -77,10 +79,12 @@ def _columns(cols_ptr, bitmap_ptr, g, c0, C, V, row, y, brow,
 
 
 @triton.jit
-def _tile(x_ptr, w_ptr, b_ptr, row, col, valid, H, stride_x, stride_w, cap,
+def _tile(x_ptr, w_ptr, b_ptr, row, col, H, stride_x, stride_w, cap,
           FUSED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
-    """fp32 logits of a (slots × columns) tile, -inf where a column does not count."""
+    """fp32 (capped) logits of a (slots × columns) tile, every column that exists (excluded ids and
+    the label included), -inf where the slot or the column does not exist."""
+    exists = (row[:, None] >= 0) & (col[None, :] >= 0)
     if FUSED:
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
@@ -96,11 +100,11 @@ def _tile(x_ptr, w_ptr, b_ptr, row, col, valid, H, stride_x, stride_w, cap,
         if SOFTCAP:
             z = _cap(z, cap)
     else:
-        z = tl.load(x_ptr + row[:, None].to(tl.int64) * stride_x + col[None, :], mask=valid, other=0.0)
+        z = tl.load(x_ptr + row[:, None].to(tl.int64) * stride_x + col[None, :], mask=exists, other=0.0)
         z = z.to(tl.float32)
         if SOFTCAP:
             z = _cap(z, cap)
-    return tl.where(valid, z, float("-inf"))
+    return tl.where(exists, z, float("-inf"))
 
 
 @triton.jit
@@ -130,13 +134,14 @@ def _label_logit(x_ptr, w_ptr, b_ptr, row, y, H, stride_x, stride_w, cap,
 
 @triton.jit
 def _stats_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr, bitmap_ptr,
-                  max_ptr, sum_ptr, zsum_ptr, size_ptr, zy_ptr,
+                  max_ptr, sum_ptr, zsum_ptr, size_ptr, zy_ptr, best_ptr, arg_ptr,
                   M, C, V, H, P, stride_x, stride_w, blocks_per_split, cap,
                   LIST: tl.constexpr, EXCLUDE: tl.constexpr, FUSED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                  SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ARGMAX: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
     """Per slot and split: running max, Σ exp(z - max), Σ z and the count over the split's columns;
-    split 0 also counts the label (and stores its logit)."""
+    split 0 also counts the label (and stores its logit). With ``ARGMAX`` (full parts only) also the
+    largest logit of the split's columns and its id (the first on ties)."""
     split = tl.program_id(1)
     g, in_group, slot, row, y, brow = _slots(rows_ptr, labels_ptr, brows_ptr, M, EXCLUDE, BLOCK_M)
     z_y = _label_logit(x_ptr, w_ptr, b_ptr, row, y, H, stride_x, stride_w, cap, FUSED, HAS_BIAS, SOFTCAP, BLOCK_M,
@@ -146,12 +151,20 @@ def _stats_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr
     s = tl.zeros((BLOCK_M,), dtype=tl.float32) + first
     zsum = z_y * first
     size = tl.zeros((BLOCK_M,), dtype=tl.float32) + first
+    best = tl.zeros((BLOCK_M,), dtype=tl.float32) + NEG
+    arg = tl.zeros((BLOCK_M,), dtype=tl.int32)
     c_start = split * blocks_per_split * BLOCK_C
     c_end = tl.minimum(C, c_start + blocks_per_split * BLOCK_C)
     for c0 in range(c_start, c_end, BLOCK_C):
         col, valid = _columns(cols_ptr, bitmap_ptr, g, c0, C, V, row, y, brow, LIST, EXCLUDE, BLOCK_C)
-        z = _tile(x_ptr, w_ptr, b_ptr, row, col, valid, H, stride_x, stride_w, cap,
-                  FUSED, HAS_BIAS, SOFTCAP, UPCAST, PRECISION, BLOCK_M, BLOCK_C, BLOCK_H)
+        raw = _tile(x_ptr, w_ptr, b_ptr, row, col, H, stride_x, stride_w, cap,
+                    FUSED, HAS_BIAS, SOFTCAP, UPCAST, PRECISION, BLOCK_M, BLOCK_C, BLOCK_H)
+        if ARGMAX:  # strictly larger only: an earlier block keeps a tie
+            top = tl.max(tl.maximum(raw, NEG), axis=1)
+            better = top > best
+            arg = tl.where(better, c0 + tl.argmax(tl.maximum(raw, NEG), axis=1, tie_break_left=True), arg)
+            best = tl.where(better, top, best)
+        z = tl.where(valid, raw, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         zsum += tl.sum(tl.where(valid, z, 0.0), axis=1)
@@ -162,6 +175,9 @@ def _stats_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr
     tl.store(sum_ptr + out, s, mask=in_group)
     tl.store(zsum_ptr + out, zsum, mask=in_group)
     tl.store(size_ptr + out, size, mask=in_group)
+    if ARGMAX:
+        tl.store(best_ptr + out, best, mask=in_group)
+        tl.store(arg_ptr + out, arg, mask=in_group)
     if split == 0:
         tl.store(zy_ptr + slot, z_y, mask=in_group)
 
@@ -184,7 +200,7 @@ def _grad_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr,
     size = tl.load(size_ptr + slot, mask=in_group, other=1.0)
     pscale = tl.load(pscale_ptr + slot, mask=in_group, other=1.0)
     col, valid = _columns(cols_ptr, bitmap_ptr, g, cb * BLOCK_C, C, V, row, y, brow, LIST, EXCLUDE, BLOCK_C)
-    z = _tile(x_ptr, w_ptr, b_ptr, row, col, valid, H, stride_x, stride_w, cap,
+    z = _tile(x_ptr, w_ptr, b_ptr, row, col, H, stride_x, stride_w, cap,
               FUSED, HAS_BIAS, SOFTCAP, UPCAST, PRECISION, BLOCK_M, BLOCK_C, BLOCK_H)
     pv = tl.where(valid, tl.exp(z - lse[:, None]) * pscale[:, None] - eps / size[:, None], 0.0)
     gz = coef[:, None] * pv
