@@ -5,55 +5,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Sequence
-from typing import Callable
 
 import torch
 
-
-def zipf_labels(shape: Sequence[int], vocab_size: int, *, exponent: float = 1.1, pad_fraction: float = 0.25,
-                seed: int = 0) -> torch.Tensor:
-    """Token ids with a Zipf law over a shuffled vocabulary, right-padded with -100.
-
-    Each row keeps a random length between (1 - pad_fraction)·N and N, like captions in a batch.
-    """
-    g = torch.Generator().manual_seed(seed)
-    ranks = torch.arange(1, vocab_size + 1, dtype=torch.float64)
-    probs = ranks.pow(-exponent)
-    flat = torch.multinomial(probs / probs.sum(), int(torch.tensor(shape).prod()), replacement=True, generator=g)
-    labels = torch.randperm(vocab_size, generator=g)[flat].reshape(*shape)
-    *lead, N = shape
-    lengths = torch.randint(int(N * (1 - pad_fraction)), N + 1, tuple(lead), generator=g)
-    labels[torch.arange(N).expand(*shape) >= lengths.unsqueeze(-1)] = -100
-    return labels
-
-
-def distinct_per_row(labels: torch.Tensor) -> float:
-    """Mean number of distinct supervised ids per row (the K of SMILE's support)."""
-    rows = labels.reshape(-1, labels.shape[-1])
-    return statistics.mean(len(set(r[r >= 0].tolist())) for r in rows)
-
-
-def interleaved_median_ms(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median milliseconds of each step, the steps timed in turn (A B A B ...) in every round.
-
-    A training loop interleaves work; repeating one provider alone keeps its buffers and caches warm
-    and can flatter it several-fold, so providers are never timed in a block of their own.
-    """
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+# Shared with `seqloss bench` (the package's own quick table): one code for labels and interleaved timing.
+from seqloss.workbench.bench import distinct_per_row, interleaved_median_ms, zipf_labels  # noqa: F401
 
 
 def _status_kib(field: str) -> int:

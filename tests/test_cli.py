@@ -35,7 +35,7 @@ def test_help_works_without_the_extras_and_a_command_names_the_extra():
               "    try:\n        main(argv)\n    except SystemExit as done:\n        print('exit', done.code)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.stdout.count("exit 0") == 2 and "exit 2" in done.stdout, done.stderr
-    assert "(default: the built-in setting)" in done.stdout
+    assert "(default: 6000)" in done.stdout  # the embedded settings are plain data, shown without the extras
     assert done.stderr.strip() == "seqloss: error: PIL is needed here: pip install 'seqloss[workbench]'"
 
 
@@ -214,10 +214,13 @@ def test_compare_refuses_an_option_no_objective_takes(tmp_path, capsys):
 def test_every_objective_reaches_training_with_its_options(extra, objective, options, monkeypatch, tmp_path):
     pytest.importorskip("transformers")
     from seqloss.workbench import train as train_module
+    from seqloss.workbench.objectives import loss_options
+    from seqloss.workbench.tokenizer import end_of_caption_id
     seen = {}
 
     def fake_train(captioner, images, captions, settings, out_dir, **kwargs):
-        seen.update(settings.objective_options, objective=settings.objective)
+        eos = end_of_caption_id(captioner.tokenizer)  # what train() routes the options with
+        seen.update(loss_options(settings.objective, settings.objective_options, eos), objective=settings.objective)
         return {"global_step": 0}
 
     monkeypatch.setattr(train_module, "train", fake_train)
@@ -235,3 +238,25 @@ def test_scene_options_are_refused_on_user_data_and_user_options_on_scenes(folde
 def test_evaluate_scores_all_of_eval_data(folder, trained, tmp_path):
     main(["evaluate", "--model", str(trained), "--eval-data", str(folder), "--beams", "1", "--out", str(tmp_path / "e.json")])
     assert len(json.loads((tmp_path / "e.json").read_text())["captions"]) == len(CAPTIONS)
+
+
+def test_a_bug_prints_its_traceback_not_one_line(monkeypatch):
+    # Only user errors (ValueError, OSError, ImportError) become one line; a TypeError is a bug.
+    import seqloss.cli as cli
+
+    def broken(args):
+        raise TypeError("a bug in seqloss")
+
+    monkeypatch.setattr(cli, "cmd_scenes", broken)
+    with pytest.raises(TypeError, match="a bug in seqloss"):
+        main(["scenes", "--out", "x"])
+
+
+def test_bench_runs_from_any_directory(tmp_path, monkeypatch, capsys):
+    # The benchmark ships with the package: no source checkout needed.
+    from seqloss.workbench import bench
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(bench.BENCH_SHAPES, "small", (2, 8, 64, 16))
+    main(["bench", "--shape", "small", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert out.count("| torch MLE | ") == 2 and "seqloss mle=0.01,smile=0.99" in out and "fused head" in out

@@ -4,6 +4,8 @@ a sibling. Read from the source with ``ast``, so a function-level import counts 
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,30 @@ def test_one_dispatch_table_covers_every_path_and_impl():
     from seqloss import dispatch
     assert set(dispatch.TABLE) == {(path, impl) for path in ("logits", "linear", "sampled")
                                    for impl in ("reference", "torch", "triton")}
+
+
+# --- an option lives in a few places (STYLE §13) ------------------------------------------------------
+
+OPTIONS = ("shift", "ignore_index", "label_smoothing", "reduction", "num_items_in_batch", "impl", "position_ids",
+           "turns", "softcap", "z_loss", "class_weight", "token_weights", "return_stats")
+CONSUMERS = ("seqloss.hf", "seqloss.workbench", "seqloss.cli", "seqloss.masking")
+
+
+def _code_names(path: Path) -> set[str]:
+    """Identifiers and plain string literals of a file: what code names, docstrings and comments aside."""
+    out = set()
+    for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+        if token.type == tokenize.NAME:
+            out.add(token.string)
+        elif token.type == tokenize.STRING and not token.string.startswith(('"""', "'''", "f")):
+            out.add(token.string.strip("'\""))
+    return out
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_an_option_is_named_in_at_most_six_core_files(option):
+    # Its check, the call's data model, the plan, the math of the engines that read it, the reference:
+    # not every layer a call passes through (the hf layer and the workbench set options as users do).
+    naming = [_module_name(p) for p in sorted(PACKAGE.rglob("*.py"))
+              if not _module_name(p).startswith(CONSUMERS) and option in _code_names(p)]
+    assert len(naming) <= 6, f"{option} is named in {len(naming)} core modules: {naming}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import seqloss
-from seqloss.support import PAD, example_starts, first_supervised, token_sets, sequences_of, shift_labels
+from seqloss.support import PAD, example_starts, first_supervised, sequences_of, shift_labels, token_sets
 from tests.conftest import IGNORE
 
 

@@ -13,9 +13,9 @@ from seqloss.support import (
     canonical_ids,
     draw_random_candidates,
     first_supervised,
-    token_sets,
     shift_candidates,
     shift_labels,
+    token_sets,
 )
 from tests.conftest import IGNORE, generator
 

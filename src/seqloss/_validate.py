@@ -25,14 +25,14 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .call import Call, Common, Member, SoftmaxOptions
+from .call import Call, Common, CommonOptions, Member, SoftmaxOptions
 from .support import OBJECTIVES
 
 REDUCTIONS = ("mean", "sum", "none", "sequence")
 IMPLS = ("auto", "reference", "torch", "triton")
-# The common keywords, as the validator takes them (the logits functions pass weight= as class_weight).
-COMMON_KEYS = ("shift", "ignore_index", "label_smoothing", "reduction", "num_items_in_batch", "impl", "position_ids",
-               "turns", "softcap", "z_loss", "class_weight", "token_weights", "return_stats")
+# The common keywords, as the validator takes them: the typed ones, class weights (the logits functions
+# pass their weight= as class_weight) and return_stats.
+COMMON_KEYS = (*CommonOptions.__annotations__, "class_weight", "return_stats")
 
 
 def tracing() -> bool:

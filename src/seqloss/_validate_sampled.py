@@ -10,13 +10,12 @@ import torch
 from torch import Tensor
 
 from ._validate import check_common, check_head, check_labels, is_int, place_tensors, tracing
-from .call import Common, SampledCall
+from .call import BaseOptions, Common, SampledCall
 
 SAMPLER_NAMES = ("uniform", "log_uniform", "in_batch")
 # The common keywords sampled softmax takes: those that mean something for a loss without per-row
-# sets (packed examples only stop the shift at their ends).
-SAMPLED_COMMON = ("shift", "ignore_index", "label_smoothing", "reduction", "num_items_in_batch", "impl",
-                  "position_ids", "token_weights")
+# sets (packed examples only stop the shift at their ends), the typed BaseOptions.
+SAMPLED_COMMON = tuple(BaseOptions.__annotations__)
 
 
 OWN = ("sampler", "log_q_correction", "remove_accidental_hits", "share_negatives", "generator")

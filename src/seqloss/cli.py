@@ -1,9 +1,10 @@
 """``seqloss``: the command-line workbench. Run ``seqloss COMMAND --help`` for each command.
 
 Only argparse is imported up front, so ``seqloss --help`` works on a bare install; each command
-imports what it needs and names the extra to install when it is missing. A user error (bad data,
-an unknown objective, a missing file) prints one line, ``seqloss: error: ...``, and exits with 2;
-``--debug`` shows the traceback instead.
+checks the workbench extra it needs (naming what to install) before importing it. A user error (bad
+data, an unknown objective, a missing file: ValueError, OSError, ImportError) prints one line,
+``seqloss: error: ...``, and exits with 2; ``--debug`` shows the traceback instead. Anything else is
+a bug and prints its traceback.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from .workbench.settings import BENCH_SHAPES, CompareSettings  # plain data: nothing heavy is imported
+
 DESCRIPTION = """Train captioners with the right objective and see what the objective does.
 
   seqloss compare --out runs/compare          MLE vs SMILE fine-tuning on built-in scenes, with a report
@@ -22,7 +25,7 @@ DESCRIPTION = """Train captioners with the right objective and see what the obje
   seqloss caption --model DIR IMAGE...        caption images
   seqloss explain --model DIR --image IMG --caption "..."   per-token loss, MLE vs SMILE
   seqloss scenes --out DIR --n 500            write the scenes data set as an image folder
-  seqloss bench                               the loss benchmark (time and memory per objective)
+  seqloss bench --shape blip                  forward+backward time of every objective here
 
 Your data (--data PATH): an image folder with metadata.jsonl, a BLIP caption JSON file or a COCO
 captions JSON file. Errors print one line; add --debug for the traceback.
@@ -34,7 +37,7 @@ NEEDS = {  # command -> modules of the 'hf' extra it imports
     "compare": _CAPTIONER + ("accelerate", "pycocoevalcap", "matplotlib"), "explain": _CAPTIONER + ("matplotlib",),
     "scenes": _CAPTIONER, "bench": (),
 }
-USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+USER_ERRORS = (ValueError, OSError, ImportError)
 
 
 # --- data and models -------------------------------------------------------------------------------
@@ -67,19 +70,17 @@ def _check_model_dir(path: Optional[str]) -> None:
 
 
 def _objective(text: str) -> Any:
-    from .workbench.compare import parse_objective
-    from .workbench.objectives import members
-    objective = parse_objective(text)
-    members(objective)
-    return objective
+    from .workbench.objectives import parse_objective
+    return parse_objective(text)
 
 
 def _given(args):
-    from .workbench.objectives import ObjectiveOptions
+    from .workbench.settings import LossOptions
+
     def ids(lists: Optional[list[list[int]]]) -> Optional[list[int]]:  # '--exclude-ids 0 5' and '0,5' alike
         return None if lists is None else [i for part in lists for i in part]
 
-    return ObjectiveOptions(eos_token_id=args.eos_token_id, exclude_ids=ids(args.exclude_ids),
+    return LossOptions(eos_token_id=args.eos_token_id, exclude_ids=ids(args.exclude_ids),
                             include_ids=ids(args.include_ids), num_samples=args.num_samples,
                             first_token_mle=args.first_token_mle, label_smoothing=args.label_smoothing)
 
@@ -102,9 +103,10 @@ def cmd_train(args) -> None:
     vocabulary is every word of the training captions."""
     from .workbench.evaluate import EvalSet
     from .workbench.model import load_captioner, new_captioner
-    from .workbench.objectives import check, loss_options
-    from .workbench.tokenizer import SPECIAL_TOKENS, caption_tokenizer, end_of_caption_id, scene_tokenizer
-    from .workbench.train import TrainSettings, train
+    from .workbench.objectives import loss_options
+    from .workbench.settings import TrainSettings
+    from .workbench.tokenizer import SPECIAL_TOKENS, caption_tokenizer, scene_tokenizer
+    from .workbench.train import train
     objective = _objective(args.objective)
     loss_options(objective, _given(args))  # options no member takes fail here, before data and model load
     _check_model_dir(args.model)
@@ -126,11 +128,9 @@ def cmd_train(args) -> None:
         captioner = new_captioner(caption_tokenizer(data.references), seed=args.seed, images=data.images)
         print(f"vocabulary: {len(captioner.tokenizer) - len(SPECIAL_TOKENS)} words from the training captions "
               f"(saved with the model)")
-    options = loss_options(objective, _given(args), end_of_caption_id(captioner.tokenizer))
-    check(objective, options, captioner.model.config.text_config.vocab_size)
     settings = TrainSettings(objective=objective, steps=args.steps, batch_size=args.batch_size,
                              learning_rate=args.lr, seed=args.seed, save_steps=args.save_steps,
-                             objective_options=options)
+                             objective_options=_given(args))
     out = train(captioner, data.images, data.references, settings, Path(args.out), resume=args.resume)
     print(f"trained {out['global_step']} steps; model saved to {Path(args.out) / 'model'}")
 
@@ -139,8 +139,9 @@ def cmd_evaluate(args) -> None:
     """Caption held-out images and score them: generated scenes (their own seed), the held-out part of
     --data (the split train used), or all of --eval-data."""
     from .workbench.data import load_captions
-    from .workbench.evaluate import EvalSet, Generation, captions_by_image, evaluate
+    from .workbench.evaluate import EvalSet, captions_by_image, evaluate
     from .workbench.model import load_captioner
+    from .workbench.settings import Generation
     _check_model_dir(args.model)
     if _user_data(args):
         records, held_out = _split(args)
@@ -172,8 +173,9 @@ def cmd_caption(args) -> None:
 
 def cmd_compare(args) -> None:
     """Fine-tune one captioner with each objective (same stage-1 checkpoint, same budget) and report."""
-    from .workbench.compare import CompareSettings, compare
+    from .workbench.compare import compare
     from .workbench.objectives import options_per_objective
+    from .workbench.settings import CompareSettings
     objectives = [_objective(text) for text in args.objectives.split(";")]
     options_per_objective(objectives, _given(args))  # options none takes fail here, before data load
     settings = CompareSettings(objectives=objectives, objective_options=_given(args))
@@ -209,13 +211,12 @@ def cmd_scenes(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    import runpy
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_losses.py"
-    if not script.is_file():
-        raise FileNotFoundError("seqloss bench runs benchmarks/bench_losses.py from a source checkout")
-    sys.argv = [str(script), *args.rest]
-    sys.path.insert(0, str(script.parent))
-    runpy.run_path(str(script), run_name="__main__")
+    """Time the forward+backward of every objective on this machine, on logits and through the fused
+    head, against torch's own MLE, providers interleaved. (A source checkout's benchmarks/ measure
+    more: peers, peak memory, training steps, GPUs.)"""
+    from .workbench.bench import table
+    for fused in (False, True):
+        print(table(args.shape, fused=fused, repeats=args.repeats), end="\n\n")
 
 
 # --- the parser ------------------------------------------------------------------------------------
@@ -238,13 +239,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _compare_defaults() -> Any:
-    """The embedded compare settings, to show in --help; None on an install without the 'hf' extra."""
-    try:
-        from .workbench.compare import CompareSettings
-    except ImportError:
-        return None
-    return CompareSettings()
 
 
 def _data_options(q: argparse.ArgumentParser, images: Optional[int]) -> None:
@@ -331,21 +325,21 @@ def parser() -> argparse.ArgumentParser:
     _decoding(q)
 
     q = command("compare", cmd_compare, "fine-tune one captioner with each objective and compare them")
-    defaults = _compare_defaults()
+    defaults = CompareSettings()  # the embedded settings, shown in --help
 
     def default(value: Any) -> str:
-        return f"(default: {value})" if defaults is not None else "(default: the built-in setting)"
+        return f"(default: {value})"
 
     q.add_argument("--out", default="runs/compare")
     q.add_argument("--objectives", default="mle;smile",
                    help="';'-separated objectives, e.g. 'mle;smile;mle=0.01,smile=0.99' (default: %(default)s)")
     q.add_argument("--train-images", type=int, help="scenes generated for training " + default(
-        defaults and defaults.train_images))
-    q.add_argument("--test-images", type=int, help="held-out scenes " + default(defaults and defaults.test_images))
+        defaults.train_images))
+    q.add_argument("--test-images", type=int, help="held-out scenes " + default(defaults.test_images))
     q.add_argument("--stage1-steps", type=int, help="MLE steps from scratch, cached " + default(
-        defaults and defaults.stage1.steps))
+        defaults.stage1.steps))
     q.add_argument("--stage2-steps", type=int, help="fine-tuning steps per objective " + default(
-        defaults and defaults.stage2_steps))
+        defaults.stage2_steps))
     q.add_argument("--cache-dir", help="where stage 1 is cached (default: ~/.cache/seqloss)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     _objective_options(q)
@@ -362,8 +356,11 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--n", type=int, default=500)
     q.add_argument("--seed", type=int, default=0)
 
-    q = command("bench", cmd_bench, "the loss benchmark (arguments go to benchmarks/bench_losses.py)")
-    q.add_argument("rest", nargs=argparse.REMAINDER)
+    q = command("bench", cmd_bench, "forward+backward time of every objective on this machine")
+    q.add_argument("--shape", choices=sorted(BENCH_SHAPES), default="small",
+                   help="(B, N, V, H): " + "; ".join(f"{k} {v}" for k, v in BENCH_SHAPES.items())
+                        + " (default: %(default)s)")
+    q.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default: %(default)s)")
     return p
 
 

@@ -87,7 +87,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 
 def logits_loss(logits: Tensor, call: Call) -> Union[Tensor, LossStats]:
-    """logits (..., N, V) of a validated call → the loss (or, with ``return_stats``, LossStats)."""
+    """logits (..., N, V) of a validated call → the loss (or, when statistics are asked for, LossStats)."""
     impl = resolve_impl(call.common.impl, logits.device)
     result = TABLE["logits", impl]((logits.reshape(-1, call.N, logits.shape[-1]), None, None), call)
     return finish(result, call)
@@ -133,9 +133,9 @@ def reduce(out: Tensor, call: Union[Call, SampledCall]) -> Tensor:
 
 
 def finish(result: Result, call: Union[Call, SampledCall]) -> Union[Tensor, LossStats]:
-    """The final reduction, and with ``return_stats`` the :class:`LossStats` of the same pass."""
+    """The final reduction, and when statistics are asked for the :class:`LossStats` of the same pass."""
     loss = reduce(result.loss, call)
     if not call.common.return_stats:
         return loss
     assert isinstance(call, Call)
-    return loss_stats(loss, reduce(result.z_loss, call).detach(), result.predicted, call)
+    return loss_stats(loss, reduce(result.z_part, call).detach(), result.predicted, call)

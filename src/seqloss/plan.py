@@ -51,7 +51,7 @@ class Plan:
     sequence: Optional[Tensor]
     softmax: SoftmaxOptions
     scalar: bool              # the output is Σ coef·loss (mean / sum), else coef·loss per position
-    stats: bool = False       # also hand back each position's z-loss term and argmax (return_stats)
+    stats: bool = False       # also hand back each position's z-loss term and argmax (statistics asked for)
 
     def list_of(self, b: Tensor, n: Tensor) -> Tensor:
         """Which of a part's per-sequence lists the positions (b, n) use."""
@@ -134,7 +134,7 @@ class Result(NamedTuple):
     position), its z-loss part alike, and the argmax ids (B, N) (valid at supervised positions)."""
 
     loss: Tensor
-    z_loss: Tensor
+    z_part: Tensor
     predicted: Tensor
 
 

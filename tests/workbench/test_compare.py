@@ -8,9 +8,9 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 from seqloss.workbench import compare as compare_module  # noqa: E402
-from seqloss.workbench.compare import CompareSettings, compare, objective_name, parse_objective, stage1_key  # noqa: E402
+from seqloss.workbench.compare import compare, stage1_key  # noqa: E402
 from seqloss.workbench.report import COLUMNS  # noqa: E402
-from seqloss.workbench.train import TrainSettings  # noqa: E402
+from seqloss.workbench.settings import CompareSettings, TrainSettings  # noqa: E402
 
 
 def _tiny(objectives):
@@ -33,17 +33,6 @@ def test_compare_writes_every_report_file_and_caches_stage_one(tmp_path, capsys)
     assert "| objective |" in printed and "stage 1: training" in printed
     compare(tmp_path / "again", _tiny(["smile"]), cache_dir=tmp_path / "cache", progress=False)
     assert "stage 1: reusing" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("text, objective", [("smile", "smile"), ("mle=0.01,smile=0.99", {"mle": 0.01, "smile": 0.99})])
-def test_objectives_read_and_print_alike(text, objective):
-    assert parse_objective(text) == objective and objective_name(objective) == text
-
-
-@pytest.mark.parametrize("bad", ["mle=x", "Mle-1=0.1"])
-def test_unreadable_objectives_are_refused(bad):
-    with pytest.raises(ValueError, match="objective"):
-        parse_objective(bad)
 
 
 def test_stage_one_cache_key_changes_with_the_model_config(monkeypatch):

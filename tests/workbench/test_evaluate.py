@@ -9,8 +9,9 @@ from PIL import Image  # noqa: E402
 
 from seqloss.workbench import scenes  # noqa: E402
 from seqloss.workbench.data import CaptionRecord  # noqa: E402
-from seqloss.workbench.evaluate import EvalSet, Generation, captions_by_image, evaluate, load_images  # noqa: E402
+from seqloss.workbench.evaluate import EvalSet, captions_by_image, evaluate, load_images  # noqa: E402
 from seqloss.workbench.model import new_captioner  # noqa: E402
+from seqloss.workbench.settings import Generation  # noqa: E402
 from seqloss.workbench.tokenizer import scene_tokenizer  # noqa: E402
 
 

@@ -14,8 +14,9 @@ from transformers import TrainerCallback  # noqa: E402
 
 from seqloss.workbench import scenes  # noqa: E402
 from seqloss.workbench.model import load_captioner, new_captioner  # noqa: E402
+from seqloss.workbench.settings import LossOptions, TrainSettings  # noqa: E402
 from seqloss.workbench.tokenizer import scene_tokenizer  # noqa: E402
-from seqloss.workbench.train import TrainSettings, last_checkpoint, train  # noqa: E402
+from seqloss.workbench.train import last_checkpoint, train  # noqa: E402
 
 
 def _data(n=24):
@@ -106,7 +107,7 @@ def test_subset_candidate_lists_train_on_full_batches(tmp_path):
     images, captions = _data(8)  # 40 captions: 5 full batches of 8
     tok = scene_tokenizer()
     candidates = tok.convert_tokens_to_ids(["a", "red", "circle", "[SEP]"])
-    settings = _settings(objective="subset", steps=2, objective_options={"include": candidates})
+    settings = _settings(objective="subset", steps=2, objective_options=LossOptions(include_ids=candidates))
     patched = []
 
     class Record(TrainerCallback):
@@ -118,4 +119,4 @@ def test_subset_candidate_lists_train_on_full_batches(tmp_path):
     assert patched[0]["objective"] == "subset" and patched[0]["options"]["include"].tolist() == [candidates] * 8
     with pytest.raises(ValueError, match="full batches"):
         train(new_captioner(tok), images[:1], captions[:1], _settings(objective="subset", steps=2, batch_size=8,
-              objective_options={"exclude": [0]}), tmp_path / "small", progress=False)
+              objective_options=LossOptions(exclude_ids=[0])), tmp_path / "small", progress=False)

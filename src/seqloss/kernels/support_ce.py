@@ -8,7 +8,7 @@ so a label is counted once whatever the lists hold.
 
 * ``_stats_kernel`` — one pass of online log-sum-exp over a slot's columns (split over ``S``
   programs for parallelism; ``parts.combine`` merges the splits), with the sums label smoothing
-  needs and, with ``ARGMAX`` (``return_stats``), the running argmax over every column — excluded
+  needs and, with ``ARGMAX`` (statistics asked for), the running argmax over every column — excluded
   ids and the label included. Logits come from memory (``FUSED=False``) or from
   ``hidden @ weight[cols].T`` tiles.
 * ``_grad_kernel`` — the gradient of Σ w·loss on the columns, written once: into the logits'

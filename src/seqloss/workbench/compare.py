@@ -11,59 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 from . import scenes
 from .data import CaptionRecord
-from .evaluate import EvalSet, Generation, evaluate
-from .model import IMAGE_SIZE, PIXEL_SPREAD, config_fingerprint, load_captioner, new_captioner, small_blip_config
-from .objectives import ObjectiveOptions, check, options_per_objective
+from .evaluate import EvalSet, evaluate
+from .model import PIXEL_SPREAD, config_fingerprint, load_captioner, new_captioner, small_blip_config
+from .objectives import check, loss_options, objective_name, options_per_objective
 from .report import write_report
+from .settings import CompareSettings, TrainSettings
 from .tokenizer import caption_tokenizer, end_of_caption_id, scene_tokenizer
-from .train import TrainSettings, train
-
-
-@dataclass
-class CompareSettings:
-    """The embedded default: sized to finish in minutes on 2 CPU cores."""
-
-    objectives: list[Any] = field(default_factory=lambda: ["mle", "smile"])
-    train_images: int = 4000
-    test_images: int = 100
-    seed: int = 0
-    image_size: int = IMAGE_SIZE
-    stage1: TrainSettings = field(default_factory=lambda: TrainSettings(objective="mle", steps=6000))
-    stage2_steps: int = 400
-    stage2_learning_rate: float = 5e-4
-    generation: Generation = field(default_factory=Generation)
-    objective_options: ObjectiveOptions = field(default_factory=ObjectiveOptions)  # each goes where it applies
-
-
-def objective_name(objective: Any) -> str:
-    """'smile' or 'mle=0.01,smile=0.99' — also a safe directory name."""
-    if isinstance(objective, str):
-        return objective
-    return ",".join(f"{name}={weight:g}" for name, weight in objective.items())
-
-
-def parse_objective(text: str) -> Any:
-    """'smile' → 'smile'; 'mle=0.01,smile=0.99' → {'mle': 0.01, 'smile': 0.99}."""
-    if "=" not in text:
-        return text.strip()
-    mixture = {}
-    for part in text.split(","):
-        name, _, weight = part.partition("=")
-        if not re.fullmatch(r"[a-z_]+", name.strip()):
-            raise ValueError(f"cannot read objective {text!r}: expected NAME or NAME=WEIGHT,NAME=WEIGHT")
-        try:
-            mixture[name.strip()] = float(weight)
-        except ValueError:
-            raise ValueError(f"cannot read objective {text!r}: weight {weight!r} is not a number") from None
-    return mixture
+from .train import train
 
 
 def default_cache_dir() -> Path:
@@ -108,9 +69,9 @@ def compare(out_dir: Path, settings: Optional[CompareSettings] = None, cache_dir
             raise ValueError(f"compare needs training and held-out images, got {len(data[0])} and {len(data[1])}")
         tokenizer = caption_tokenizer([r.captions for r in data[0]])
         stage1_name = f"stage1-{stage1_key(settings)}-data-{_data_key(data[0])}"
-    options = options_per_objective(settings.objectives, settings.objective_options, end_of_caption_id(tokenizer))
-    for objective, objective_options in zip(settings.objectives, options):
-        check(objective, objective_options, len(tokenizer))
+    options = options_per_objective(settings.objectives, settings.objective_options)
+    for objective, given in zip(settings.objectives, options):  # every objective checked before stage 1
+        check(objective, loss_options(objective, given, end_of_caption_id(tokenizer)), len(tokenizer))
     if data is None:
         train_set: Sequence[Any] = scenes.generate(settings.train_images, seed=settings.seed,
                                                    image_size=settings.image_size)

@@ -10,19 +10,7 @@ from typing import Any, Optional
 from .data import open_image
 from .metrics import false_facts_by_kind, scene_scores, text_scores
 from .model import Captioner
-
-
-@dataclass
-class Generation:
-    """How captions are decoded: beam search (BLIP's default for captioning) or nucleus sampling."""
-
-    num_beams: int = 3
-    top_p: Optional[float] = None
-    max_new_tokens: int = 30
-    seed: int = 0
-
-    def options(self) -> dict[str, Any]:
-        return dict(num_beams=self.num_beams, top_p=self.top_p, max_new_tokens=self.max_new_tokens, seed=self.seed)
+from .settings import Generation
 
 
 @dataclass

@@ -11,17 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 
 from .. import functional
-from .._lazy import require
 from .model import Captioner
 
-OBJECTIVES = ("mle", "smile")
+EXPLAINED = ("mle", "smile")  # the objectives the view compares by default
 
 
 @torch.no_grad()
 def token_losses(captioner: Captioner, image: Any, caption: str,
-                 objectives: Sequence[str] = OBJECTIVES) -> dict[str, Any]:
+                 objectives: Sequence[str] = EXPLAINED) -> dict[str, Any]:
     """{"tokens": [...], objective: [loss per token]} for the caption's supervised tokens."""
     captioner.model.eval()
     batch = captioner.encode([caption])
@@ -40,14 +40,11 @@ def token_losses(captioner: Captioner, image: Any, caption: str,
 
 
 def plot(losses: dict[str, Any], path: Path, title: str = "") -> Path:
-    matplotlib = require("matplotlib", "plot")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tokens = losses["tokens"]
     names = [k for k in losses if k != "tokens"]
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(tokens) + 1), 3.2))
+    fig = Figure(figsize=(max(5, 0.7 * len(tokens) + 1), 3.2))
+    ax = fig.subplots()
     for i, name in enumerate(names):
         ax.bar([x + i * width for x in range(len(tokens))], losses[name], width, label=name)
     ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(tokens))], tokens, rotation=30)
@@ -55,7 +52,6 @@ def plot(losses: dict[str, Any], path: Path, title: str = "") -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)
 
 

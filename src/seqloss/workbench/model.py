@@ -14,9 +14,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import transformers
 
-from .._lazy import require
-from .scenes import IMAGE_SIZE
+from .settings import IMAGE_SIZE
 
 # The scenes are a 3x3 grid (scenes.py); a 72-px image in 24-px patches gives the vision tower one
 # token per cell, so each object is seen whole by one patch and its position is the token's index.
@@ -91,7 +91,6 @@ def small_blip_config(tokenizer: Any, image_size: int = IMAGE_SIZE):
       them, 2 of 4 initialisations learned to bind position to object (0.76-0.79 within 6,000 steps);
       the other 2 learned only which cells hold objects (0.38-0.40, as guessing among them gives).
     """
-    transformers = require("transformers", "workbench")
     text = dict(vocab_size=len(tokenizer), hidden_size=192, num_hidden_layers=2, num_attention_heads=4,
                 intermediate_size=384, max_position_embeddings=40, hidden_dropout_prob=0.0,
                 attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id,
@@ -147,7 +146,6 @@ def new_captioner(tokenizer: Any, image_size: int = IMAGE_SIZE, seed: int = 0,
     (~1.9) that dominates every patch. With the scenes' own statistics, even an untrained vision tower's
     tokens tell the objects' colours apart far better (a linear probe: 0.83 against 0.58).
     """
-    transformers = require("transformers", "workbench")
     torch.manual_seed(seed)
     model = transformers.BlipForConditionalGeneration(small_blip_config(tokenizer, image_size))
     processor = transformers.BlipImageProcessor(size={"height": image_size, "width": image_size})
@@ -164,7 +162,6 @@ def new_captioner(tokenizer: Any, image_size: int = IMAGE_SIZE, seed: int = 0,
 
 def load_captioner(directory: Path) -> Captioner:
     """A workbench checkpoint or any local BLIP directory (model, tokenizer, image processor)."""
-    transformers = require("transformers", "workbench")
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a Hugging Face model directory (no config.json)")

@@ -1,9 +1,13 @@
-"""Objectives as the workbench takes them: a name or a mixture, with the options each member accepts.
+"""Objectives as the workbench takes them: parsed from text, checked by the library's own validator,
+with the options each member accepts. Imports no training stack, so the CLI reads and checks an
+objective before anything heavy loads.
 
-The command line gives options once (``--exclude-ids 0 3``); :func:`loss_options` hands each to the
+The command line gives options once (``--exclude-ids 0 3``): :func:`loss_options` hands each to the
 members of the objective that take it, as the keywords of :func:`seqloss.objective_loss`, and refuses
-one that no member takes. :func:`check` runs the library's own validation on a one-token batch, so a
-typo or an out-of-range id fails before any training starts.
+one that no member takes. :func:`check` runs the library's validation on a one-token batch, so a
+typo or an out-of-range id fails before any training starts. Errors here are the user's: the
+library's ``TypeError`` for an option that does not fit becomes a ``ValueError`` (the CLI prints
+those as one line).
 
 ``subset``'s candidates come from the command line as one list for every caption, while the library
 takes one list per row of the batch (``(B, K)``): :func:`row_candidates` repeats the list over the
@@ -11,17 +15,17 @@ rows, and the trainer keeps every batch full (see ``train.py``).
 """
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+import re
+from dataclasses import fields, replace
 from typing import Any, Optional
 
 import torch
 
-import seqloss
+from .. import functional
+from .._validate import check_objective
+from .settings import LossOptions
 
-# CLI option -> {objective: keyword of that objective}; label_smoothing is common to all.
+# LossOptions field -> {objective: keyword of that objective}; label_smoothing is common to all.
 _ROUTES: dict[str, dict[str, str]] = {
     "eos_token_id": {"selective_eos": "eos_token_id"},
     "exclude_ids": {"smile": "exclude_ids", "random_subset": "exclude_ids", "reverse_subset": "exclude_ids",
@@ -33,37 +37,41 @@ _ROUTES: dict[str, dict[str, str]] = {
 _PER_ROW = ("include", "exclude")  # subset's candidates: one list per row of the batch
 
 
-@dataclass
-class ObjectiveOptions:
-    """Options as a user gives them once for the whole objective; None = not given."""
+def parse_objective(text: str) -> Any:
+    """'smile' → 'smile'; 'mle=0.01,smile=0.99' → {'mle': 0.01, 'smile': 0.99}; then checked."""
+    if "=" not in text:
+        objective: Any = text.strip()
+    else:
+        objective = {}
+        for part in text.split(","):
+            name, _, weight = part.partition("=")
+            if not re.fullmatch(r"[a-z_]+", name.strip()):
+                raise ValueError(f"cannot read objective {text!r}: expected NAME or NAME=WEIGHT,NAME=WEIGHT")
+            try:
+                objective[name.strip()] = float(weight)
+            except ValueError:
+                raise ValueError(f"cannot read objective {text!r}: weight {weight!r} is not a number") from None
+    members(objective)
+    return objective
 
-    eos_token_id: Optional[int] = None
-    exclude_ids: Optional[list[int]] = None
-    include_ids: Optional[list[int]] = None
-    num_samples: Optional[int] = None
-    first_token_mle: Optional[bool] = None
-    label_smoothing: Optional[float] = None
+
+def objective_name(objective: Any) -> str:
+    """'smile' or 'mle=0.01,smile=0.99' — also a safe directory name."""
+    if isinstance(objective, str):
+        return objective
+    return ",".join(f"{name}={weight:g}" for name, weight in objective.items())
 
 
 def members(objective: Any) -> list[str]:
-    """The objective names of ``objective`` (a name or a mapping name -> weight), checked against
-    ``seqloss.OBJECTIVES``; ValueError/TypeError naming what is wrong."""
-    if isinstance(objective, str):
-        named = {objective: 1.0}
-    elif isinstance(objective, Mapping) and objective:
-        named = dict(objective)
-    else:
-        raise TypeError(f"objective must be a name or a non-empty mapping name -> weight, got {objective!r}")
-    for name, weight in named.items():
-        if name not in seqloss.OBJECTIVES:
-            raise ValueError(f"unknown objective {name!r}; choose from {', '.join(sorted(seqloss.OBJECTIVES))} "
-                             f"or a mixture such as 'mle=0.01,smile=0.99'")
-        if not isinstance(weight, numbers.Real) or isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"objective weight for {name!r} must be a finite number >= 0, got {weight!r}")
-    return list(named)
+    """The objective names of ``objective`` (a name or a mapping name -> weight), as the library
+    checks them; a ValueError naming what is wrong."""
+    try:
+        return [name for _, name in check_objective(objective)]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{error} (a mixture reads 'mle=0.01,smile=0.99')") from None
 
 
-def loss_options(objective: Any, given: Optional[ObjectiveOptions] = None,
+def loss_options(objective: Any, given: Optional[LossOptions] = None,
                  eos_token_id: Optional[int] = None, strict: bool = True) -> dict[str, Any]:
     """The keyword options of ``objective`` from ``given``: JSON-ready (ids as lists).
 
@@ -74,7 +82,7 @@ def loss_options(objective: Any, given: Optional[ObjectiveOptions] = None,
     """
     names = members(objective)
     options: dict[str, Any] = {}
-    given = given or ObjectiveOptions()
+    given = given or LossOptions()
     for field in fields(given):
         value = getattr(given, field.name)
         if value is None:
@@ -98,16 +106,25 @@ def loss_options(objective: Any, given: Optional[ObjectiveOptions] = None,
     return options
 
 
-def options_per_objective(objectives: list[Any], given: ObjectiveOptions,
-                          eos_token_id: Optional[int] = None) -> list[dict[str, Any]]:
-    """:func:`loss_options` of each objective compared side by side: an option goes to those that take
-    it, and one that none of them takes is an error."""
-    out = [loss_options(objective, given, eos_token_id, strict=False) for objective in objectives]
+def taken_by(objective: Any, given: LossOptions) -> LossOptions:
+    """``given`` without the options no member of ``objective`` takes (compare gives every objective
+    the same options; each trains with those that apply to it)."""
+    names = set(members(objective))
+    return replace(given, **{f.name: None for f in fields(given)
+                             if f.name in _ROUTES and not names & set(_ROUTES[f.name])})
+
+
+def options_per_objective(objectives: list[Any], given: LossOptions) -> list[LossOptions]:
+    """:func:`taken_by` each of the objectives compared side by side: an option that none of them
+    takes is an error."""
     names = {name for objective in objectives for name in members(objective)}
     for field in fields(given):
         if field.name in _ROUTES and getattr(given, field.name) is not None and not names & set(_ROUTES[field.name]):
             raise ValueError(f"{field.name} is an option of {', '.join(_ROUTES[field.name])}; "
                              f"none of the objectives {', '.join(sorted(names))} takes it")
+    out = [taken_by(objective, given) for objective in objectives]
+    for objective, options in zip(objectives, out):
+        loss_options(objective, options)
     return out
 
 
@@ -125,9 +142,11 @@ def row_candidates(options: dict[str, Any], rows: int) -> tuple[dict[str, Any], 
 
 def check(objective: Any, options: dict[str, Any], vocab_size: int) -> None:
     """Everything ``seqloss.objective_loss`` checks (names, weights, option types, ids < vocab_size),
-    on a one-token batch: cheap, and before any training."""
-    members(objective)
+    on a one-token batch: cheap, and before any training. A wrong option is the user's: ValueError."""
     probe, _ = row_candidates(options, 1)
     logits = torch.zeros(1, 2, vocab_size)
     labels = torch.zeros(1, 2, dtype=torch.long)
-    seqloss.objective_loss(logits, labels, objective, shift=True, **probe)
+    try:
+        functional.objective_loss(logits, labels, objective, shift=True, **probe)
+    except TypeError as error:
+        raise ValueError(str(error)) from None

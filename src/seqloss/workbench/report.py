@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .._lazy import require
+from matplotlib.figure import Figure
+
 from .evaluate import captions_by_image
 from .metrics import caption_lengths
 
@@ -30,13 +31,10 @@ def _fmt(value: Any) -> str:
 
 
 def _plots(out_dir: Path, results: dict[str, dict[str, Any]], evaluation: Any) -> list[str]:
-    matplotlib = require("matplotlib", "plot")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(results)
     written = []
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))  # matplotlib's object interface: no pyplot state, no backend to choose
+    ax = fig.subplots()
     lengths = [caption_lengths(results[n]["captions"]) for n in names]
     top = max([max(x) for x in lengths if x] + [1])
     ax.hist(lengths, bins=range(0, top + 2), label=names, align="left")
@@ -45,10 +43,10 @@ def _plots(out_dir: Path, results: dict[str, dict[str, Any]], evaluation: Any) -
     fig.tight_layout()
     fig.savefig(out_dir / "lengths.png", dpi=120)
     written.append("lengths.png")
-    plt.close(fig)
 
     if all("attribute_recall" in results[n]["metrics"] for n in names):
-        fig, ax = plt.subplots(figsize=(4.5, 4))
+        fig = Figure(figsize=(4.5, 4))
+        ax = fig.subplots()
         for n in names:
             m = results[n]["metrics"]
             ax.scatter(m["hallucination_rate"], m["attribute_recall"], s=60)
@@ -59,10 +57,10 @@ def _plots(out_dir: Path, results: dict[str, dict[str, Any]], evaluation: Any) -
         fig.tight_layout()
         fig.savefig(out_dir / "recall_vs_hallucination.png", dpi=120)
         written.append("recall_vs_hallucination.png")
-        plt.close(fig)
 
     shown = min(SAMPLES, len(evaluation.images))
-    fig, axes = plt.subplots(1, shown, figsize=(2.6 * shown, 2.6 + 0.45 * len(names)), squeeze=False)
+    fig = Figure(figsize=(2.6 * shown, 2.6 + 0.45 * len(names)))
+    axes = fig.subplots(1, shown, squeeze=False)
     for i, ax in enumerate(axes[0]):
         ax.imshow(evaluation.images[i])
         ax.set_xticks([])
@@ -72,7 +70,6 @@ def _plots(out_dir: Path, results: dict[str, dict[str, Any]], evaluation: Any) -
     fig.tight_layout()
     fig.savefig(out_dir / "examples.png", dpi=120)
     written.append("examples.png")
-    plt.close(fig)
     return written
 
 

@@ -23,6 +23,8 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .settings import IMAGE_SIZE
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
 SIZES: tuple[str, ...] = ("small", "large")
@@ -56,9 +58,8 @@ _RADIUS = {"small": 0.2, "large": 0.4}  # half-extent as a fraction of a cell: l
 _BACKGROUND = 245  # near-white, so "on a white background" is true
 _SUPERSAMPLE = 4   # draw 4x larger and downsample: anti-aliased edges keep small shapes legible
 
-# Images are drawn at the size the default captioner reads (model.py): 72 px, three 24-px cells a side,
-# one vision patch per cell, so training, ``seqloss scenes`` and evaluation all see the same pixels.
-IMAGE_SIZE = 72
+# Images are drawn at the size the default captioner reads (IMAGE_SIZE, model.py): 72 px, three 24-px
+# cells a side, one vision patch per cell, so training, ``seqloss scenes`` and evaluation all see the same pixels.
 
 
 @dataclass(frozen=True)

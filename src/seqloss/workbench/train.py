@@ -7,35 +7,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import transformers
 
 from .. import hf
-from .._lazy import require
 from .model import Captioner
-from .objectives import row_candidates
-
-
-@dataclass
-class TrainSettings:
-    """What a training run does; stage-1 caches are keyed by these (plus the data)."""
-
-    objective: Any = "mle"
-    steps: int = 400
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    seed: int = 0
-    save_steps: int = 100
-    logging_steps: int = 20
-    objective_options: dict[str, Any] = field(default_factory=dict)
-
-    def key(self) -> dict[str, Any]:
-        return asdict(self)
+from .objectives import check, loss_options, row_candidates
+from .settings import TrainSettings
+from .tokenizer import end_of_caption_id
 
 
 class CaptionPairs(torch.utils.data.Dataset):
@@ -68,7 +50,6 @@ class CaptionCollator:
 
 
 def _training_arguments(out_dir: Path, settings: TrainSettings, progress: bool):
-    transformers = require("transformers", "workbench")
     on_gpu = torch.cuda.is_available()
     distributed = _world_size() > 1
     return transformers.TrainingArguments(
@@ -83,7 +64,6 @@ def _training_arguments(out_dir: Path, settings: TrainSettings, progress: bool):
 
 def last_checkpoint(out_dir: Path) -> Optional[str]:
     """The newest Trainer checkpoint under ``out_dir/checkpoints``, if any."""
-    transformers = require("transformers", "workbench")
     checkpoints = Path(out_dir) / "checkpoints"
     return transformers.trainer_utils.get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
 
@@ -91,16 +71,18 @@ def last_checkpoint(out_dir: Path) -> Optional[str]:
 def train(captioner: Captioner, images: Sequence[Any], captions: Sequence[Sequence[str]], settings: TrainSettings,
           out_dir: Path, *, resume: bool = False, progress: bool = True, callbacks: Sequence[Any] = ()
           ) -> dict[str, Any]:
-    """Train ``captioner`` in place with ``settings.objective``; save it to ``out_dir/model``.
+    """Train ``captioner`` in place with ``settings.objective`` and its options (those the objective
+    takes; selective EOS ends captions where the captioner's tokenizer does); save it to ``out_dir/model``.
 
     With ``resume=True`` the run continues from the last checkpoint in ``out_dir`` (optimizer,
     scheduler, RNG and data order included). ``callbacks`` are ``transformers.TrainerCallback``s.
     Returns the Trainer's log history and the number of optimiser steps taken.
     """
-    transformers = require("transformers", "workbench")
     out_dir = Path(out_dir)
     pairs = CaptionPairs(captioner, images, captions)
-    options, full_batches = row_candidates(settings.objective_options, settings.batch_size)
+    options = loss_options(settings.objective, settings.objective_options, end_of_caption_id(captioner.tokenizer))
+    check(settings.objective, options, captioner.model.config.text_config.vocab_size)
+    options, full_batches = row_candidates(options, settings.batch_size)
     if full_batches and len(pairs) < settings.batch_size * _world_size():
         raise ValueError(f"subset's candidate lists need full batches: {len(pairs)} captions are fewer than one "
                          f"batch of {settings.batch_size} per process; lower the batch size")
