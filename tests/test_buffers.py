@@ -158,3 +158,57 @@ def test_a_tied_weight_gradient_is_added_into_the_workspace_in_place(maps_only):
     assert weight.grad.data_ptr() in maps and weight.grad._base is None
     embedding = torch.zeros_like(alone).index_add_(0, ids.flatten(), torch.ones(ids.numel(), 6))
     assert_close_fp32(weight.grad, alone + embedding, "backward")
+
+
+# --- the per-process budget of kept workspaces ---------------------------------------------------------
+
+
+@pytest.fixture
+def budget(maps_only):
+    previous = _buffers.set_workspace_budget(_buffers.set_workspace_budget(0))
+    yield _buffers.set_workspace_budget
+    _buffers.set_workspace_budget(previous)
+
+
+def test_kept_workspaces_stay_within_the_budget(budget):
+    budget(64 << 10)
+    for objective in ("mle", "smile", "random_subset", "mle"):
+        _head_grads(objective, 3)
+        assert 0 < seqloss.kept_workspace_bytes() <= 64 << 10
+    budget(1000)  # smaller than the weight gradient's map: dropped at once
+    assert seqloss.kept_workspace_bytes() <= 1000
+
+
+def test_a_budget_of_zero_keeps_nothing_and_changes_no_result(budget):
+    want = _head_grads("mixture", 4)
+    budget(0)
+    got = _head_grads("mixture", 4)
+    assert seqloss.kept_workspace_bytes() == 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_workspaces_are_shared_and_released_across_threads(budget):
+    import threading
+    budget(64 << 10)
+    held = []
+    worker = threading.Thread(target=lambda: held.append(_head_grads("mle", 0)[2].data_ptr()))
+    worker.start()
+    worker.join()
+    assert seqloss.kept_workspace_bytes() > 0           # the worker's maps are the process's
+    assert _head_grads("mle", 1)[2].data_ptr() == held[0]  # and the main thread reuses them
+    seqloss.release_workspaces()
+    assert seqloss.kept_workspace_bytes() == 0
+
+
+def test_the_budget_comes_from_the_environment_and_is_checked(monkeypatch):
+    monkeypatch.setenv("SEQLOSS_WORKSPACE_BYTES", "1234")
+    assert _buffers._budget_from_environment() == 1234
+    monkeypatch.setenv("SEQLOSS_WORKSPACE_BYTES", "lots")
+    with pytest.raises(ValueError, match="SEQLOSS_WORKSPACE_BYTES"):
+        _buffers._budget_from_environment()
+    monkeypatch.delenv("SEQLOSS_WORKSPACE_BYTES")
+    assert _buffers._budget_from_environment() == 512 << 20
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="nbytes"):
+            seqloss.set_workspace_budget(bad)
