@@ -1,7 +1,7 @@
 """Memory the fused head keeps between calls (CPU): the resident set after one forward+backward at a
 Llama-3-sized head (V=128256, H=4096), with the gradients held, after they are dropped, and after
 ``seqloss.release_workspaces()`` — from the main thread, and with the step run in a worker thread
-and the release called from the main one. The kept workspaces stay within the per-process budget
+that stays alive (a trainer's thread pool) and the release called from the main one. The kept workspaces stay within the per-process budget
 (``seqloss.set_workspace_budget``, 512 MiB by default): a weight gradient of 2.1 GB is never kept.
 
     python benchmarks/bench_workspaces.py [--positions 64] [--budget BYTES] [--markdown FILE]
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -46,12 +46,11 @@ def main() -> None:
         def step() -> None:
             seqloss.linear_loss(hidden, weight, labels).backward()
 
+        pool = ThreadPoolExecutor(1)  # a worker that outlives the step, as a trainer's threads do
         if where == "main thread":
             step()
         else:
-            worker = threading.Thread(target=step)
-            worker.start()
-            worker.join()
+            pool.submit(step).result()
         held = rss_mib() - base
         weight.grad = hidden.grad = None
         gc.collect()
@@ -60,10 +59,12 @@ def main() -> None:
         seqloss.release_workspaces()
         gc.collect()
         released = rss_mib() - base
+        pool.shutdown()
         rows.append({"step run in": where, "gradients held (MiB)": f"{held:.0f}",
                      "gradients dropped (MiB)": f"{dropped:.0f}", "kept workspaces (MiB)": f"{kept:.0f}",
                      "after release_workspaces() in the main thread (MiB)": f"{released:.0f}"})
-    budget = seqloss.set_workspace_budget(seqloss.set_workspace_budget(0))
+    budget = seqloss.set_workspace_budget(0)
+    seqloss.set_workspace_budget(budget)
     publish(f"Resident memory above the inputs after one fused MLE step: V={V}, H={H}, {args.positions} positions, "
             f"fp32 (the weight gradient alone is {V * H * 4 / MIB:.0f} MiB); workspace budget {budget / MIB:.0f} MiB\n"
             f"{machine()}", rows, args.markdown)

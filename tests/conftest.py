@@ -121,6 +121,16 @@ def loss_and_grad(fn: Callable[..., Tensor], logits: Tensor, labels: Tensor,
     return out.detach(), leaf.grad
 
 
+def eager_and_compiled(grads: Callable[..., Any], fn: Callable[..., Tensor], *tensors: Any) -> tuple[Any, Any]:
+    """``grads(fn, *tensors)`` eagerly and with ``fn`` under ``torch.compile(fullgraph=True)`` (aot_eager),
+    Dynamo's caches reset around the pair."""
+    torch._dynamo.reset()
+    try:
+        return grads(fn, *tensors), grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), *tensors)
+    finally:
+        torch._dynamo.reset()
+
+
 def random_grad_output(shape: torch.Size, seed: int = 0) -> Tensor:
     return torch.randn(shape, generator=generator(seed + 40_000))
 

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 
 import seqloss
-from tests.conftest import IGNORE, MIXTURE, assert_close_fp32, assert_low_precision, generator, make_labels
+from tests.conftest import (
+    IGNORE,
+    MIXTURE,
+    assert_close_fp32,
+    assert_low_precision,
+    eager_and_compiled,
+    generator,
+    make_labels,
+)
 
 B, N, V, H = 3, 6, 17, 5
 OBJECTIVES = ("mle", "smile", "reverse_subset", "selective_eos", "subset", "mixture")
@@ -309,12 +317,7 @@ def test_peer_options_compile(path, reduction):
         def fn(h, w, b):
             return seqloss.linear_loss(h, w, labels, bias=b, class_weight=class_weight, **options)
         tensors = (hidden, weight, bias)
-    torch._dynamo.reset()
-    try:
-        eager = _grads(fn, *tensors)
-        compiled = _grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), *tensors)
-    finally:
-        torch._dynamo.reset()
+    eager, compiled = eager_and_compiled(_grads, fn, *tensors)
     _assert_same(compiled, eager)
 
 

@@ -17,6 +17,7 @@ from tests.conftest import (
     OBJECTIVES_AND_MIXTURE,
     REDUCTIONS,
     assert_close_fp32,
+    eager_and_compiled,
     generator,
     make_labels,
     make_logits,
@@ -193,12 +194,7 @@ def test_token_weights_compile_and_run_under_autocast(path):
             return seqloss.linear_loss(h, e, labels, objective={"mle": 0.3, "smile": 0.7}, shift=True,
                                        token_weights=w)
         tensors = (hidden, head)
-    torch._dynamo.reset()
-    try:
-        eager = _grads(fn, *tensors)
-        compiled = _grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), *tensors)
-    finally:
-        torch._dynamo.reset()
+    eager, compiled = eager_and_compiled(_grads, fn, *tensors)
     _same(compiled, eager)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = fn(*tensors)
