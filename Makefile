@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint docs bench clean
 
 # torch first, pinned: on these machines 2.13.0 is a local CPU build, while an unpinned torch with
 # none installed would pull several GB of CUDA packages. Then the package, which torch>=2.4 satisfies.
@@ -28,6 +28,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m mypy
 
+# The documentation site into site/ (MkDocs Material + mkdocstrings; warnings are errors, as tests/test_docs.py builds it).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 # The full tables behind benchmarks/RESULTS.md (several minutes on 2 cores).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_losses.py --repeats 7
@@ -36,4 +40,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train_step.py --repeats 5
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build site src/*.egg-info .pytest_cache .hypothesis

@@ -34,7 +34,7 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, huge
     pages where the kernel offers them: the kernel hands out pages already zeroed (no memset pass),
     and with huge pages a 128 MiB buffer takes ~64 page faults instead of ~32,000 — which, for the
     sparse gradients of list supports, is most of the cost. (The fused head's large buffers are
-    :func:`workspace` maps, kept between calls.) ``huge_pages=False`` leaves the map in small pages,
+    ``workspace`` maps, kept between calls.) ``huge_pages=False`` leaves the map in small pages,
     for a buffer of which only a few scattered rows are ever written (sampled softmax): each write
     then faults in 4 KiB, not 2 MiB.
     Elsewhere (GPUs, Windows, empty shapes), ``torch.zeros``.
@@ -116,7 +116,7 @@ def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
     several times the fused head's arithmetic. A map is reused only when no tensor made from it is
     alive (a gradient the caller still holds is never overwritten), and only for a request of
     between half and all of its size; reused contents are stale (``False``), a fresh map is zero
-    (``True``). The process keeps at most :func:`set_workspace_budget` bytes of maps (512 MiB by
+    (``True``). The process keeps at most ``set_workspace_budget`` bytes of maps (512 MiB by
     default): a larger one, such as a Llama-3-sized head's weight gradient, is never kept.
     Elsewhere (GPUs, whose allocator caches already; Windows) ``torch.empty``, stale.
     """
@@ -165,7 +165,7 @@ def kept_workspace_bytes() -> int:
 class Grads:
     """The fused head's fp32 accumulators of the three gradients (None where none is wanted).
 
-    The weight gradient (V × H, the largest) is allocated by its first update, from :func:`zeros`.
+    The weight gradient (V × H, the largest) is allocated by its first update, from ``zeros``.
     """
 
     hidden: Optional[Tensor]
@@ -184,7 +184,7 @@ class Grads:
                    (vocab_size, width))
 
     def weight_buffer(self, device: torch.device) -> Tensor:
-        """The weight gradient, allocated (zeroed) on first use, from a reused :func:`workspace`."""
+        """The weight gradient, allocated (zeroed) on first use, from a reused ``workspace``."""
         if self.weight is None:
             self.weight, is_zero = workspace(self.shape, torch.float32, device)
             if not is_zero:

@@ -1,6 +1,6 @@
 """Every input check, once, before any branch. Three entries, one per kind of call:
-:func:`check_logits_call` (the functions on logits and their modules), :func:`check_linear_call`
-(the fused head) and :func:`check_options` (an objective and its options alone: ``seqloss.hf`` at
+``check_logits_call`` (the functions on logits and their modules), ``check_linear_call``
+(the fused head) and ``check_options`` (an objective and its options alone: ``seqloss.hf`` at
 patch time, the modules when constructed). ``sampled_softmax_loss`` adds its own options on top of
 the common checks in ``_validate_sampled``.
 
@@ -90,7 +90,7 @@ def _call(objective: Any, options: Mapping[str, Any], scores: Tensor, vocab: int
 
 
 def check_common(options: Mapping[str, Any]) -> Common:
-    """The common keywords → :class:`Common` (tensors still as given: see :func:`place_tensors`)."""
+    """The common keywords → ``Common`` (tensors still as given: see ``place_tensors``)."""
     o = dict(options)
     shift, turns, return_stats = o.get("shift", False), o.get("turns", False), o.get("return_stats", False)
     for name, value in (("shift", shift), ("turns", turns), ("return_stats", return_stats)):

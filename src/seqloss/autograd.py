@@ -1,9 +1,9 @@
-"""One helper makes every engine differentiable: :class:`Op`, for the logits path, the fused head
+"""One helper makes every engine differentiable: ``Op``, for the logits path, the fused head
 and sampled softmax alike.
 
 An ``Op`` wraps an engine (``plan.Engine``) twice around the same engine calls:
 
-* in eager mode, an ``autograd.Function`` (:class:`EngineFunction`): no tracing machinery is imported or run;
+* in eager mode, an ``autograd.Function`` (``EngineFunction``): no tracing machinery is imported or run;
 * under ``torch.compile``, two ``torch.library`` custom ops (``seqloss::<name>`` and its backward)
   with fake implementations and registered autograd, so that Dynamo sees one opaque op of known
   output shapes and ``torch.compile(fullgraph=True)`` traces a loss call as plan building plus that

@@ -64,7 +64,7 @@ class BaseOptions(TypedDict, total=False):
 
 
 class CommonOptions(BaseOptions, total=False):
-    """The keywords every objective takes, on logits and on the fused head, besides :class:`BaseOptions`.
+    """The keywords every objective takes, on logits and on the fused head, besides ``BaseOptions``.
 
     * ``turns=False`` — ``True`` makes each maximal run of supervised labels its own sequence (its
       own token set and first-token MLE): multi-turn chats whose non-assistant tokens are
@@ -81,7 +81,7 @@ class CommonOptions(BaseOptions, total=False):
 
 
 class LogitsOptions(CommonOptions, total=False):
-    """The keywords of the functions on logits: :class:`CommonOptions` and ``weight=None``, (V,)
+    """The keywords of the functions on logits: ``CommonOptions`` and ``weight=None``, (V,)
     class weights with ``F.cross_entropy(weight=...)``'s semantics — a position's loss times its
     label's weight, the mean divided by the sum of those weights (or by ``num_items_in_batch``); for
     subset objectives likewise the weight of the label's class. Not with label smoothing."""
@@ -110,11 +110,11 @@ class MemberOptions(TypedDict, total=False):
 
 
 class ObjectiveOptions(LogitsOptions, MemberOptions, total=False):
-    """The keywords of :func:`seqloss.objective_loss`."""
+    """The keywords of ``seqloss.objective_loss``."""
 
 
 class LinearOptions(CommonOptions, MemberOptions, total=False):
-    """The keywords of :func:`seqloss.linear_loss`: its ``weight`` is the head, so class weights are
+    """The keywords of ``seqloss.linear_loss``: its ``weight`` is the head, so class weights are
     ``class_weight=``."""
 
     class_weight: Optional[Tensor]

@@ -140,7 +140,9 @@ def cmd_evaluate(args) -> None:
     --data (the split train used), or all of --eval-data."""
     from .workbench.data import load_captions
     from .workbench.evaluate import EvalSet, captions_by_image, evaluate
+    from .workbench.html_report import write_html
     from .workbench.model import load_captioner
+    from .workbench.report import COLUMNS
     from .workbench.settings import Generation
     _check_model_dir(args.model)
     if _user_data(args):
@@ -152,12 +154,15 @@ def cmd_evaluate(args) -> None:
     else:
         from .workbench import scenes
         scored = scenes.generate(args.images, seed=args.seed)
-    result = evaluate(load_captioner(Path(args.model)), EvalSet.from_examples(scored),
-                      Generation(num_beams=args.beams, top_p=args.top_p))
+    evaluation = EvalSet.from_examples(scored)
+    result = evaluate(load_captioner(Path(args.model)), evaluation, Generation(num_beams=args.beams, top_p=args.top_p))
     print(json.dumps(result["metrics"], indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps({"metrics": result["metrics"], "captions": captions_by_image(result)},
-                                             indent=2))
+        out = Path(args.out)
+        out.write_text(json.dumps({"metrics": result["metrics"], "captions": captions_by_image(result)}, indent=2))
+        page = write_html(out.with_suffix(".html"), {Path(args.model).name or "model": result}, evaluation,
+                          title=f"seqloss evaluate {args.model}", columns=COLUMNS)
+        print(f"open in a browser: {page}")
 
 
 def cmd_caption(args) -> None:
@@ -313,7 +318,8 @@ def parser() -> argparse.ArgumentParser:
 
     q = command("evaluate", cmd_evaluate, "caption held-out images and score them")
     q.add_argument("--model", required=True)
-    q.add_argument("--out", help="write the metrics and every caption with its image's file name to this JSON file")
+    q.add_argument("--out", help="write the metrics and every caption with its image's file name to this JSON file, "
+                                 "and the page to look at them to the same name with .html")
     q.add_argument("--seed", type=int, default=10_000,
                    help="scenes: the seed of the held-out scenes (default: %(default)s)")
     _data_options(q, images=100)

@@ -1,5 +1,5 @@
 """The one dispatch point: ``TABLE`` maps (path, impl) to a named runner, ``resolve_impl`` turns
-``"auto"`` into an impl (here and nowhere else), and :func:`finish` is the final reduction.
+``"auto"`` into an impl (here and nowhere else), and ``finish`` is the final reduction.
 
 Paths: ``"logits"`` (logits (B, N, V)), ``"linear"`` (the fused head: hidden (B, N, H), weight,
 bias) and ``"sampled"`` (sampled softmax: hidden, weight). Impls: ``"reference"`` (the dense spec),
@@ -133,7 +133,7 @@ def reduce(out: Tensor, call: Union[Call, SampledCall]) -> Tensor:
 
 
 def finish(result: Result, call: Union[Call, SampledCall]) -> Union[Tensor, LossStats]:
-    """The final reduction, and when statistics are asked for the :class:`LossStats` of the same pass."""
+    """The final reduction, and when statistics are asked for the ``LossStats`` of the same pass."""
     loss = reduce(result.loss, call)
     if not call.common.return_stats:
         return loss

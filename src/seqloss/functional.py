@@ -3,9 +3,9 @@
 (``_validate``) and hands it to the one dispatch point (``dispatch.py``). The keywords are typed
 (``seqloss.call.ObjectiveOptions`` and its kin, PEP 692), so a type checker rejects a misspelt one.
 
-Their keywords are documented once, on the typed dicts of ``seqloss.call``: :class:`~seqloss.call.BaseOptions`
-and :class:`~seqloss.call.CommonOptions` (every objective), :class:`~seqloss.call.MemberOptions`
-(each objective's own). ``return_stats=True`` returns a :class:`~seqloss.call.LossStats` instead of
+Their keywords are documented once, on the typed dicts of ``seqloss.call``: ``seqloss.call.BaseOptions``
+and ``seqloss.call.CommonOptions`` (every objective), ``seqloss.call.MemberOptions``
+(each objective's own). ``return_stats=True`` returns a ``seqloss.call.LossStats`` instead of
 the loss.
 
 Losses are fp32 whatever the inputs' dtype, with fp32 math inside, also under ``torch.autocast``;
@@ -208,7 +208,7 @@ def linear_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optiona
     """Any objective on ``hidden @ weight.T + bias`` without materialising those logits (the fused LM head).
 
     ``hidden`` (..., N, H), ``weight`` (V, H) (``nn.Linear`` / ``lm_head.weight`` layout), ``bias``
-    (V,) or None, ``labels`` (..., N) unshifted. Takes every option of :func:`objective_loss`, class
+    (V,) or None, ``labels`` (..., N) unshifted. Takes every option of ``objective_loss``, class
     weights as ``class_weight=``; ``impl="reference"`` builds the logits and runs the dense spec.
     Dtypes may differ: under ``torch.autocast`` the head runs in autocast's dtype (as ``F.linear``
     would), elsewhere in the widest of the three; the softmax math is fp32 and each gradient comes

@@ -43,7 +43,7 @@ class _ObjectiveModule(nn.Module):
 
 
 class CrossEntropyLoss(_ObjectiveModule):
-    """MLE; see :func:`seqloss.cross_entropy`."""
+    """MLE; see ``seqloss.cross_entropy``."""
 
     objective = "mle"
 
@@ -52,7 +52,7 @@ class CrossEntropyLoss(_ObjectiveModule):
 
 
 class SmileLoss(_ObjectiveModule):
-    """SMILE; see :func:`seqloss.smile_loss`."""
+    """SMILE; see ``seqloss.smile_loss``."""
 
     objective = "smile"
 
@@ -62,7 +62,7 @@ class SmileLoss(_ObjectiveModule):
 
 
 class RandomSubsetLoss(_ObjectiveModule):
-    """Random subsetting; see :func:`seqloss.random_subset_loss`."""
+    """Random subsetting; see ``seqloss.random_subset_loss``."""
 
     objective = "random_subset"
 
@@ -72,7 +72,7 @@ class RandomSubsetLoss(_ObjectiveModule):
 
 
 class ReverseSubsetLoss(_ObjectiveModule):
-    """Reverse subsetting; see :func:`seqloss.reverse_subset_loss`."""
+    """Reverse subsetting; see ``seqloss.reverse_subset_loss``."""
 
     objective = "reverse_subset"
 
@@ -81,7 +81,7 @@ class ReverseSubsetLoss(_ObjectiveModule):
 
 
 class SelectiveEOSLoss(_ObjectiveModule):
-    """Selective EOS; see :func:`seqloss.selective_eos_loss`."""
+    """Selective EOS; see ``seqloss.selective_eos_loss``."""
 
     objective = "selective_eos"
 
@@ -114,7 +114,7 @@ class ObjectiveLoss(_ObjectiveModule):
 
 
 class SampledSoftmaxLoss(nn.Module):
-    """Sampled softmax; see :func:`seqloss.sampled_softmax_loss`. ``forward(hidden, weight, labels, **per_call)``
+    """Sampled softmax; see ``seqloss.sampled_softmax_loss``. ``forward(hidden, weight, labels, **per_call)``
     (``generator=`` per call, say)."""
 
     def __init__(self, num_negatives: int, **options: Any) -> None:
@@ -130,7 +130,7 @@ class SampledSoftmaxLoss(nn.Module):
 
 
 class LinearLoss(nn.Module):
-    """The fused LM head; see :func:`seqloss.linear_loss`. ``LinearLoss("smile", shift=True)``, then
+    """The fused LM head; see ``seqloss.linear_loss``. ``LinearLoss("smile", shift=True)``, then
     ``forward(hidden, weight, labels, bias=None, **per_call)`` — the head's weight and bias are the
     model's (``lm_head.weight``), passed per call, as Liger's fused-linear loss takes them."""
 

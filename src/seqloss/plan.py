@@ -6,7 +6,7 @@ or the label plus a candidate list (a list part). A plan holds no objective name
 names beyond what the math reads (``softmax``): engines, torch or Triton, only ever see parts.
 
 The plan is also the one value that crosses the custom-op boundary under ``torch.compile``:
-:meth:`Plan.arguments` and :meth:`Plan.from_arguments` are the one place that flattens it into the
+``Plan.arguments`` and ``Plan.from_arguments`` are the one place that flattens it into the
 lists a custom op takes, and rebuilds it.
 """
 from __future__ import annotations

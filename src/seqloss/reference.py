@@ -12,7 +12,7 @@ with label smoothing ε spread over the support:
 starts where they restart, at 0), or with ``turns`` each maximal run of supervised positions of an example.
 
 Each position's loss is weighted by 1, its label's class weight and its own token weight, and
-reduced as ``reduction`` asks (:func:`reduced`).
+reduced as ``reduction`` asks (``reduced``).
 
 This module materialises (B, N, V) masks and masked copies of the logits on purpose; the engines
 never do. It builds every mask from the labels alone and imports nothing from the code it checks
@@ -217,7 +217,7 @@ def objective_loss(logits: Tensor, labels: Tensor, members: Sequence[tuple[float
                    z_loss: float = 0.0, class_weight: Optional[Tensor] = None,
                    token_weights: Optional[Tensor] = None, **_: Any) -> tuple[Tensor, Tensor, Tensor]:
     """The loss of ``members`` = [(weight, name, options)] on logits (B, N, V) and unshifted labels
-    (B, N), reduced (see :func:`reduced`), with its z-loss part reduced alike and the argmax of the
+    (B, N), reduced (see ``reduced``), with its z-loss part reduced alike and the argmax of the
     (capped) logits over the whole vocabulary at every supervised position (0 elsewhere)."""
     t = targets(labels, logits.shape[-1], shift, ignore_index, position_ids, turns)
     total = torch.zeros(t.labels.shape, dtype=torch.float32, device=logits.device)
@@ -237,7 +237,7 @@ def sampled_loss(logits: Tensor, labels: Tensor, negatives: Tensor, log_expected
                  num_items_in_batch: Any = None, position_ids: Optional[Tensor] = None,
                  token_weights: Optional[Tensor] = None, log_q_correction: bool = True,
                  remove_accidental_hits: bool = True, **_: Any) -> Tensor:
-    """Sampled softmax on the full logits (B, N, V) for given draws, reduced as :func:`reduced`:
+    """Sampled softmax on the full logits (B, N, V) for given draws, reduced as ``reduced``:
     ``negatives`` (K,) shared or (B·N, K) one set per position, ``log_expected`` = log(K·q) of each.
 
     The support of a position is its label once, with its logit as it is (it is always there, never

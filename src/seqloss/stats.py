@@ -2,7 +2,7 @@
 
 The engines hand back each supervised position's z-loss term and its argmax over the whole
 vocabulary (Liger's and Cut Cross-Entropy's extras come from their kernels' pass the same way);
-this module turns them into :class:`~seqloss.call.LossStats`.
+this module turns them into ``seqloss.call.LossStats``.
 """
 from __future__ import annotations
 

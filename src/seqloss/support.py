@@ -3,9 +3,9 @@
 Every objective of seqloss is a *support rule*: at position (b, n) the softmax runs over a set
 S(b, n) of vocabulary ids that always contains the label y. Two shapes of rule cover them all:
 
-* :class:`FullSupport` — all V ids minus an exclusion list (MLE, reverse subsetting, selective EOS,
+* ``FullSupport`` — all V ids minus an exclusion list (MLE, reverse subsetting, selective EOS,
   ``subset(exclude=...)``). The work is O(V) per position.
-* :class:`ListSupport` — an explicit candidate list (SMILE, random subsetting,
+* ``ListSupport`` — an explicit candidate list (SMILE, random subsetting,
   ``subset(include=...)``). The work is O(K) per position; positions flagged in
   ``full_positions`` (SMILE's first-token MLE) use all V ids instead.
 
@@ -18,7 +18,7 @@ per position, (B, N, K) (``subset(include=)`` per label position).
 supervised position) is per *sequence*: a batch row, or — with ``position_ids`` (Hugging Face's
 padding-free convention) — each packed example of a row, and with ``turns=True`` each maximal run
 of supervised positions (a conversation turn). When sequences are not rows, per-row lists are laid
-out per sequence, and :class:`Sequences` maps each position to its list.
+out per sequence, and ``Sequences`` maps each position to its list.
 Both the efficient path and the tests build on these structures; the dense spec in
 ``reference.py`` builds its masks straight from the labels instead.
 """
@@ -92,7 +92,7 @@ def shift_labels(labels: Tensor, shift: bool, ignore_index: int, starts: Optiona
 
     With ``shift=True`` position n is scored against ``labels[..., n + 1]`` and the last position
     has no target (Hugging Face's ``ForCausalLMLoss`` convention), so the result keeps shape N.
-    With packed examples (``starts`` from :func:`example_starts`), the last position of an example
+    With packed examples (``starts`` from ``example_starts``), the last position of an example
     has no target either: it never predicts the next example's first token.
     """
     if not shift:
@@ -288,7 +288,6 @@ class SupportRule:
     options: tuple[str, ...]
 
 
-# The one registry of objectives: name → support rule.
 OBJECTIVES: dict[str, SupportRule] = {
     "mle": SupportRule(mle_support, ()),
     "smile": SupportRule(smile_support, ("first_token_mle", "exclude_ids")),
@@ -297,3 +296,4 @@ OBJECTIVES: dict[str, SupportRule] = {
     "selective_eos": SupportRule(selective_eos_support, ("eos_token_id",)),
     "subset": SupportRule(subset_support, ("include", "exclude")),
 }
+"""The one registry of objectives: name → its support rule (``seqloss.OBJECTIVES``)."""

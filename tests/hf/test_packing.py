@@ -128,7 +128,7 @@ def test_a_compiled_patched_model_takes_packed_batches(fused):
 def test_multimodal_position_ids_are_not_read_as_packing_and_the_user_is_told():
     """Qwen2-VL's rotary positions (3, B, N) repeat inside an image: they cannot mark examples, so
     each row is one sequence (with a warning); flash-attention boundaries still mark them."""
-    from seqloss.hf.patch import packed_positions
+    from seqloss.hf.patching import packed_positions
     labels = torch.zeros(2, 6, dtype=torch.long)
     rotary = torch.tensor([0, 1, 1, 1, 2, 3]).expand(3, 2, 6)
     with pytest.warns(UserWarning, match="multimodal position_ids"):

@@ -6,7 +6,7 @@ objects handed to it, so importing it does not import transformers (nor peft: a 
 patched through its base model, and ``heads.py`` sees through PEFT wrappers on the LM head).
 """
 from .families import family_of
-from .patch import patch, patched_objective, unpatch
+from .patching import patch, patched_objective, unpatch
 from .sft import sft_trainer
 from .trainer import compute_loss_func
 

@@ -39,7 +39,7 @@ def check_own_softcap(model: Any, options: dict[str, Any]) -> None:
 def fused_loss_options(options: dict[str, Any], model: Any = None) -> dict[str, Any]:
     """``objective_loss``'s options as ``linear_loss`` takes them: class weights as ``class_weight``
     (its ``weight`` is the head), and the soft-cap of a ``model`` that caps its logits itself (the
-    fused loss applies it; see :func:`logits_capped_by`)."""
+    fused loss applies it; see ``logits_capped_by``)."""
     out = {("class_weight" if key == "weight" else key): value for key, value in options.items()}
     cap = None if model is None else logit_softcap(model)
     return out if cap is None else {**out, "softcap": float(cap)}

@@ -1,9 +1,9 @@
 """TRL's ``SFTTrainer`` training a seqloss objective: ``sft_trainer(objective, ..., **SFTTrainer kwargs)``.
 
 TRL's ``SFTTrainer`` computes its own loss — a fused log-probability head, plain NLL — and never calls
-``model.loss_function``, so :func:`~seqloss.hf.patch` alone would be bypassed without a word; its
+``model.loss_function``, so ``seqloss.hf.patch`` alone would be bypassed without a word; its
 ``compute_loss_func=`` hook (deprecated in TRL 1.x) gets no ``position_ids``, so packed and
-padding-free batches would mix their examples' SMILE sets. :func:`sft_trainer` builds the
+padding-free batches would mix their examples' SMILE sets. ``sft_trainer`` builds the
 ``SFTTrainer`` (its datasets, collators, packing, PEFT) and then trains through the patched model:
 the loss is the model's own, as ``transformers.Trainer`` computes it, with the call's
 ``position_ids`` and ``num_items_in_batch`` handed to the objective.
@@ -15,7 +15,7 @@ import re
 import warnings
 from typing import Any, Optional
 
-from .patch import BYPASS, check_loss_options, patch
+from .patching import BYPASS, check_loss_options, patch
 
 
 def sft_trainer(objective: Any = "smile", *, fused: bool = False, loss_options: Optional[dict[str, Any]] = None,
@@ -24,7 +24,7 @@ def sft_trainer(objective: Any = "smile", *, fused: bool = False, loss_options: 
     whose training loss is ``objective`` — a name or a mixture such as ``{"mle": 0.01, "smile": 0.99}``.
 
     ``fused`` and ``loss_options`` (``exclude_ids``, ``turns``, ``label_smoothing``, ...) are those of
-    :func:`seqloss.hf.patch`, applied to the trainer's model once TRL has built it. Completion-only
+    ``seqloss.hf.patch``, applied to the trainer's model once TRL has built it. Completion-only
     labels, packing and padding-free batches work as in TRL; packed examples are scored separately.
     TRL's entropy and token-accuracy metrics, which come from its own loss head, are not logged.
     Refuses ``compute_loss_func`` (it would replace the objective) and ``label_smoothing_factor`` in
@@ -50,7 +50,7 @@ def _trainer_class() -> type:
         raise ImportError("seqloss.hf.sft_trainer needs TRL: pip install trl") from error
 
     class SeqlossSFTTrainer(trl.SFTTrainer):
-        """``trl.SFTTrainer`` whose loss is the patched model's (see :func:`sft_trainer`)."""
+        """``trl.SFTTrainer`` whose loss is the patched model's (see ``sft_trainer``)."""
 
         def __init__(self, trainer_kwargs: dict[str, Any], objective: Any, fused: bool,
                      options: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .. import functional
-from .patch import check_loss_options
+from .patching import check_loss_options
 
 
 def compute_loss_func(objective: Any = "smile", *, shift: bool = True, **options: Any) -> Callable:
@@ -14,8 +14,8 @@ def compute_loss_func(objective: Any = "smile", *, shift: bool = True, **options
     here, with ``num_items_in_batch`` = the supervised tokens of the whole accumulated batch, so
     that gradient accumulation over micro-batches equals one big batch. ``shift=True`` is the
     causal-LM convention; pass ``shift=False`` for seq2seq models (T5, BART). The Trainer hands it no
-    inputs, so packed batches (``position_ids``) cannot reach it: train those with :func:`patch`, and
-    TRL's ``SFTTrainer`` with :func:`seqloss.hf.sft_trainer`.
+    inputs, so packed batches (``position_ids``) cannot reach it: train those with ``patch``, and
+    TRL's ``SFTTrainer`` with ``seqloss.hf.sft_trainer``.
     """
     check_loss_options(objective, {"shift": shift, **options})
 

@@ -108,7 +108,7 @@ def list_part(ids: Tensor, positions: Tensor, sequence: Optional[Tensor] = None)
 
 def parts_of(plan: Plan, vocab_size: int, cover_first: bool) -> Iterator[tuple[float, Part]]:
     """(weight, part) for every launch the plan needs; with ``cover_first`` the first part may
-    cover every position (see :func:`full_part`)."""
+    cover every position (see ``full_part``)."""
     for i, part in enumerate(plan.parts):
         if part.ids is None:
             yield part.alpha, full_part(part.exclude, part.positions, vocab_size, cover_first and i == 0,

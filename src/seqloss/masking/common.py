@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+"""The target of a position that has none (Hugging Face's and torch's ``ignore_index``)."""
 MODES = ("train", "eval", "infer")
+"""What a scheme can be called for: training targets, evaluation targets, or inference slots."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ SCHEMES: dict[str, type[MaskingScheme]] = {
     "plm": PermutationLM, "permutation": PermutationLM,
     "rtd": ReplacementTokenDetection, "replacement": ReplacementTokenDetection,
 }
+"""Scheme names (and their long aliases) → classes, as ``get`` takes them."""
 
 
 def get(name: str, padding_idx: int = 0, **options: Any) -> MaskingScheme:

@@ -19,9 +19,10 @@ from typing import Any, Optional
 from . import scenes
 from .data import CaptionRecord
 from .evaluate import EvalSet, evaluate
+from .explain import token_losses
 from .model import PIXEL_SPREAD, config_fingerprint, load_captioner, new_captioner, small_blip_config
 from .objectives import check, loss_options, objective_name, options_per_objective
-from .report import write_report
+from .report import SAMPLES, write_report
 from .settings import CompareSettings, TrainSettings
 from .tokenizer import caption_tokenizer, end_of_caption_id, scene_tokenizer
 from .train import train
@@ -93,15 +94,33 @@ def compare(out_dir: Path, settings: Optional[CompareSettings] = None, cache_dir
 
     evaluation = EvalSet.from_examples(test_set)
     results: dict[str, dict[str, Any]] = {}
-    for objective, objective_options in zip(settings.objectives, options):
+    for objective, given in zip(settings.objectives, options):
         name = objective_name(objective)
         print(f"stage 2: fine-tuning with {name} ({settings.stage2_steps} steps)")
         captioner = load_captioner(stage1_dir / "model")
         stage2 = TrainSettings(objective=objective, steps=settings.stage2_steps,
                                learning_rate=settings.stage2_learning_rate, batch_size=settings.stage1.batch_size,
                                warmup_steps=0, seed=settings.seed, save_steps=settings.stage2_steps,
-                               logging_steps=max(1, settings.stage2_steps // 5), objective_options=objective_options)
+                               logging_steps=max(1, settings.stage2_steps // 5), objective_options=given)
         train(captioner, images, captions, stage2, out_dir / "runs" / name, progress=progress)
         results[name] = evaluate(captioner, evaluation, settings.generation)
-    report = write_report(out_dir, results, evaluation, settings=json.loads(json.dumps(asdict(settings), default=str)))
-    return report
+    views = token_views(load_captioner(stage1_dir / "model"), evaluation, results, settings.objectives,
+                        [loss_options(o, g, end_of_caption_id(tokenizer)) for o, g in zip(settings.objectives, options)])
+    return write_report(out_dir, results, evaluation, settings=json.loads(json.dumps(asdict(settings), default=str)),
+                        token_views=views)
+
+
+def token_views(captioner: Any, evaluation: EvalSet, results: dict[str, dict[str, Any]], objectives: Sequence[Any],
+                options: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For the sample images: each token's loss under each objective, from the stage-1 captioner (the
+    common start of every fine-tuning), of the first reference and of each objective's caption."""
+    per_name = {objective_name(o): opts for o, opts in zip(objectives, options)}
+    views = []
+    for i in range(min(SAMPLES, len(evaluation.images))):
+        image = evaluation.images[i]
+        chosen = [("reference: " + evaluation.references[i][0], evaluation.references[i][0])]
+        chosen += [(f"{name}'s caption: {r['captions'][i]}", r["captions"][i]) for name, r in results.items()]
+        views.append({"name": evaluation.names[i] if evaluation.names else str(i), "image": image,
+                      "captions": [(label, token_losses(captioner, image, text, objectives, per_name))
+                                   for label, text in chosen]})
+    return views

@@ -8,7 +8,7 @@
 * **COCO captions JSON** (``captions_train2017.json``): ``{"images": [{"id", "file_name"}],
   "annotations": [{"image_id", "caption"}]}``, images under an image root.
 
-:func:`load_captions` picks the reader from the path: a folder, or a ``.json`` file whose top level is a
+``load_captions`` picks the reader from the path: a folder, or a ``.json`` file whose top level is a
 list (BLIP) or an object (COCO). Captions of one image (several rows or entries naming it) are
 gathered into one record. A bad entry is a ValueError naming the file and the entry (line, index or
 id), or, with ``skip_bad=True``, skipped and counted aloud on stderr: never a silent drop.
@@ -92,7 +92,7 @@ def _keys(entry: Any, *keys: str) -> list[Any]:
 
 
 class _Collector:
-    """Gathers the records of one annotation file; every entry goes through :meth:`entry`."""
+    """Gathers the records of one annotation file; every entry goes through ``entry``."""
 
     def __init__(self, source: Path, image_root: Path, skip_bad: bool, unit: str, hint: str = "") -> None:
         self.source, self.image_root, self.skip_bad, self.unit, self.hint = source, image_root, skip_bad, unit, hint
@@ -224,7 +224,7 @@ def load_captions(path: Union[str, Path], image_root: Optional[Union[str, Path]]
 
     ``image_root`` (JSON only; default: the JSON file's folder) is where the images' relative paths
     start. FileNotFoundError when ``path`` does not exist; ValueError for anything else that cannot
-    be read, naming the file (and the entry, as :func:`load_imagefolder` does).
+    be read, naming the file (and the entry, as ``load_imagefolder`` does).
     """
     path = Path(path)
     if path.is_dir():
@@ -279,7 +279,7 @@ def load_split(data: Union[str, Path], *, eval_data: Optional[Union[str, Path]] 
                image_root: Optional[Union[str, Path]] = None, skip_bad: bool = False
                ) -> tuple[list[CaptionRecord], list[CaptionRecord]]:
     """(train, held_out) of user data: all of ``data`` and all of ``eval_data`` when it is given, else
-    :func:`split_by_image` of ``data`` with ``eval_fraction`` (default ``DEFAULT_EVAL_FRACTION``).
+    ``split_by_image`` of ``data`` with ``eval_fraction`` (default ``DEFAULT_EVAL_FRACTION``).
 
     ``image_root`` applies to whichever of the two is a JSON file. Images of ``eval_data`` that are
     also training images are counted aloud (scores on them are not held-out scores).

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from .data import open_image
 from .metrics import false_facts_by_kind, scene_scores, text_scores
 from .model import Captioner
+from .probe import position_accuracy
 from .settings import Generation
 
 
@@ -33,7 +34,9 @@ class EvalSet:
 
 def evaluate(captioner: Captioner, data: EvalSet, generation: Optional[Generation] = None) -> dict[str, Any]:
     """Metrics, the generated captions (one per image) and the images' names; on scenes also
-    ``false_facts_by_kind`` (stated and false facts per kind: shape, colour, size, position).
+    ``false_facts_by_kind`` (stated and false facts per kind: shape, colour, size, position) and
+    ``position_accuracy``, the teacher-forced grounding probe (``probe.py``: does the captioner put
+    each object of a multi-object scene where it is?).
 
     ``distinct_captions`` counts different captions: a captioner that looks at the image writes
     nearly one per image, one that does not repeats a few templates.
@@ -45,12 +48,14 @@ def evaluate(captioner: Captioner, data: EvalSet, generation: Optional[Generatio
     result = {"metrics": metrics, "captions": captions, "images": names}
     if data.scenes is not None:
         metrics.update(scene_scores(captions, data.scenes))
+        if any(len(scene.objects) > 1 for scene in data.scenes):
+            metrics["position_accuracy"] = position_accuracy(captioner, data.images, data.scenes)
         result["false_facts_by_kind"] = false_facts_by_kind(captions, data.scenes)
     return result
 
 
 def captions_by_image(result: dict[str, Any]) -> list[dict[str, str]]:
-    """``[{"image": file name, "caption": text}, ...]`` of an :func:`evaluate` result (for JSON files)."""
+    """``[{"image": file name, "caption": text}, ...]`` of an ``evaluate`` result (for JSON files)."""
     return [{"image": name, "caption": caption} for name, caption in zip(result["images"], result["captions"])]
 
 

@@ -6,23 +6,26 @@ penalised for it. The bar chart shows where the two disagree.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from matplotlib.figure import Figure
 
 from .. import functional
 from .model import Captioner
+from .objectives import objective_name, row_candidates
 
 EXPLAINED = ("mle", "smile")  # the objectives the view compares by default
 
 
 @torch.no_grad()
-def token_losses(captioner: Captioner, image: Any, caption: str,
-                 objectives: Sequence[str] = EXPLAINED) -> dict[str, Any]:
-    """{"tokens": [...], objective: [loss per token]} for the caption's supervised tokens."""
+def token_losses(captioner: Captioner, image: Any, caption: str, objectives: Sequence[Any] = EXPLAINED,
+                 options: Optional[Mapping[str, dict[str, Any]]] = None) -> dict[str, Any]:
+    """{"tokens": [...], name: [loss per token]} for the caption's supervised tokens, one entry per
+    objective (a name or a mixture, named as ``objective_name`` writes it); ``options`` maps such a
+    name to that objective's keyword options (subset's id lists as one list for the caption)."""
     captioner.model.eval()
     batch = captioner.encode([caption])
     logits = captioner.model(pixel_values=captioner.pixels([image]), input_ids=batch["input_ids"],
@@ -34,8 +37,11 @@ def token_losses(captioner: Captioner, image: Any, caption: str,
     keep = targets != -100
     out["tokens"] = captioner.tokenizer.convert_ids_to_tokens(targets[keep].tolist())
     for objective in objectives:
-        per_position = functional.objective_loss(logits, labels, objective, shift=True, reduction="none")[0, :-1]
-        out[objective] = per_position[keep].tolist()
+        name = objective_name(objective)
+        keywords, _ = row_candidates((options or {}).get(name, {}), rows=1)
+        per_position = functional.objective_loss(logits, labels, objective, shift=True, reduction="none",
+                                                 **keywords)[0, :-1]
+        out[name] = per_position[keep].tolist()
     return out
 
 

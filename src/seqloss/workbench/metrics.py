@@ -22,25 +22,24 @@ def _words(text: str) -> list[str]:
     return text.lower().split()
 
 
-def parse_caption(text: str) -> frozenset[Fact]:
-    """The facts a caption states, in the format of ``scenes.facts``.
+def fact_spans(text: str) -> list[tuple[Fact, int, int]]:
+    """The facts a caption states, each with the words that state it (``words[start:end]`` of the
+    lowercased whitespace tokens), in the format of ``scenes.facts``.
 
     Each shape word is a mentioned object, ``("shape", s)``; the run of colour/size words right
     before it gives ``("colour", s, c)`` / ``("size", s, z)``, and each position phrase right after
     it (``on the left``, ``at the top``, ``in the center``/``in the middle``...) gives
-    ``("position", s, p)``. Words outside this grammar state nothing. Inverts ``scenes.captions``
-    exactly; on free text (a model's output) contradictions such as "a red blue circle" yield both
-    facts, so one of them counts as a hallucination.
+    ``("position", s, p)``. Words outside this grammar state nothing.
     """
     words = _words(text)
-    found: set[Fact] = set()
+    found: list[tuple[Fact, int, int]] = []
     for i, word in enumerate(words):
         if word not in SHAPES:
             continue
-        found.add(("shape", word))
+        found.append((("shape", word), i, i + 1))
         j = i - 1
         while j >= 0 and words[j] in _PRE_ATTRIBUTE:
-            found.add((_PRE_ATTRIBUTE[words[j]], word, words[j]))
+            found.append(((_PRE_ATTRIBUTE[words[j]], word, words[j]), j, j + 1))
             j -= 1
         j = i + 1
         while True:
@@ -48,9 +47,16 @@ def parse_caption(text: str) -> frozenset[Fact]:
                           if tuple(words[j:j + len(phrase)]) == phrase), None)
             if match is None:
                 break
-            found.add(("position", word, match[1]))
+            found.append((("position", word, match[1]), j, j + len(match[0])))
             j += len(match[0])
-    return frozenset(found)
+    return found
+
+
+def parse_caption(text: str) -> frozenset[Fact]:
+    """The facts a caption states (``fact_spans`` without the words). Inverts
+    ``scenes.captions`` exactly; on free text (a model's output) contradictions such as "a red blue
+    circle" yield both facts, so one of them counts as a hallucination."""
+    return frozenset(fact for fact, _, _ in fact_spans(text))
 
 
 def _check_pairs(captions: Sequence, others: Sequence, what: str) -> None:

@@ -2,15 +2,15 @@
 with the options each member accepts. Imports no training stack, so the CLI reads and checks an
 objective before anything heavy loads.
 
-The command line gives options once (``--exclude-ids 0 3``): :func:`loss_options` hands each to the
-members of the objective that take it, as the keywords of :func:`seqloss.objective_loss`, and refuses
-one that no member takes. :func:`check` runs the library's validation on a one-token batch, so a
+The command line gives options once (``--exclude-ids 0 3``): ``loss_options`` hands each to the
+members of the objective that take it, as the keywords of ``seqloss.objective_loss``, and refuses
+one that no member takes. ``check`` runs the library's validation on a one-token batch, so a
 typo or an out-of-range id fails before any training starts. Errors here are the user's: the
 library's ``TypeError`` for an option that does not fit becomes a ``ValueError`` (the CLI prints
 those as one line).
 
 ``subset``'s candidates come from the command line as one list for every caption, while the library
-takes one list per row of the batch (``(B, K)``): :func:`row_candidates` repeats the list over the
+takes one list per row of the batch (``(B, K)``): ``row_candidates`` repeats the list over the
 rows, and the trainer keeps every batch full (see ``train.py``).
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def loss_options(objective: Any, given: Optional[LossOptions] = None,
     """The keyword options of ``objective`` from ``given``: JSON-ready (ids as lists).
 
     ``eos_token_id`` is the tokenizer's end of caption, used by ``selective_eos`` when ``given`` has
-    none (with neither, it stays unset and :func:`check` refuses it). ValueError when an option is
+    none (with neither, it stays unset and ``check`` refuses it). ValueError when an option is
     given that no member takes (``strict=False``: it is left out), or ``subset`` has neither or
     both of ``include_ids``/``exclude_ids``.
     """
@@ -115,7 +115,7 @@ def taken_by(objective: Any, given: LossOptions) -> LossOptions:
 
 
 def options_per_objective(objectives: list[Any], given: LossOptions) -> list[LossOptions]:
-    """:func:`taken_by` each of the objectives compared side by side: an option that none of them
+    """``taken_by`` each of the objectives compared side by side: an option that none of them
     takes is an error."""
     names = {name for objective in objectives for name in members(objective)}
     for field in fields(given):

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
 from .evaluate import captions_by_image
+from .html_report import write_html
 from .metrics import caption_lengths
 
 COLUMNS = ("avg_length", "distinct_words", "distinct_captions", "attribute_recall", "hallucination_rate",
-           "bleu4", "cider")
+           "position_accuracy", "bleu4", "cider")
 SAMPLES = 8
 
 
@@ -94,12 +96,14 @@ def kinds_table(by_kind: dict[str, dict[str, dict[str, int]]]) -> str:
 
 
 def write_report(out_dir: Path, results: dict[str, dict[str, Any]], evaluation: Any,
-                 settings: dict[str, Any]) -> dict[str, Any]:
-    """Write report.json, report.md and the plots; print and return the report.
+                 settings: dict[str, Any], token_views: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Write report.json, report.md, the plots and report.html; print and return the report.
 
-    ``results`` maps an objective's name to its :func:`~.evaluate.evaluate` result. report.json holds
+    ``results`` maps an objective's name to its ``.evaluate.evaluate`` result. report.json holds
     the metrics per objective (``distinct_captions`` among them), the settings, a few samples, the
     plots and every caption with its image's file name: ``captions[objective] = [{"image", "caption"}]``.
+    report.html (``html_report``) shows every held-out image with each objective's caption, and
+    ``token_views`` (the per-token losses of the sample images' captions, ``html_report.write_html``).
     """
     out_dir = Path(out_dir)
     metrics = {name: r["metrics"] for name, r in results.items()}
@@ -122,8 +126,11 @@ def write_report(out_dir: Path, results: dict[str, dict[str, Any]], evaluation: 
         md.append(f"**{s['image']}** — references: " + " / ".join(f"*{r}*" for r in s["references"]))
         md += [f"- {n}: {c}" for n, c in s["captions"].items()] + [""]
     (out_dir / "report.md").write_text("\n".join(md))
+    page = write_html(out_dir / "report.html", results, evaluation, title="seqloss compare", columns=COLUMNS,
+                      plots=[out_dir / p for p in plots if p != "examples.png"], token_views=token_views)
     print(table(metrics))
     if by_kind:
         print("false facts / stated facts, by kind:\n" + kinds_table(by_kind))
     print(f"report: {out_dir / 'report.md'}")
+    print(f"open in a browser: {page}")
     return report

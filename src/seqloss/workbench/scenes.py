@@ -98,7 +98,7 @@ class Scene:
 
     @classmethod
     def from_json(cls, data: dict) -> Scene:
-        """Inverse of :meth:`to_json`; raises ValueError on anything else."""
+        """Inverse of ``to_json``; raises ValueError on anything else."""
         try:
             return cls(tuple(SceneObject(**o) for o in data["objects"]))
         except (KeyError, TypeError) as err:
@@ -268,7 +268,7 @@ def write_scenes(out_dir: Union[str, Path], n: int, seed: int = 0, image_size: i
 
     Layout: ``out_dir/<file_name>.png``; ``out_dir/metadata.jsonl`` with one row per caption,
     ``{"file_name", "text", "scene"}`` (an image's rows share its file_name; "scene" is the truth as
-    :meth:`Scene.to_json`). (``seqloss scenes`` also saves the scenes tokenizer in ``out_dir/tokenizer/``:
+    ``Scene.to_json``). (``seqloss scenes`` also saves the scenes tokenizer in ``out_dir/tokenizer/``:
     the tokenizer module imports this one, never the other way round.)
     """
     out = Path(out_dir)

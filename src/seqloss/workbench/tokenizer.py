@@ -49,7 +49,7 @@ def build_tokenizer(words: Iterable[str], model_max_length: int = 48) -> PreTrai
     position 0, SEP ends the caption); unknown words map to ``[UNK]``; padding is on the right; only
     ``input_ids`` and ``attention_mask`` are returned (BLIP takes no token types). ``eos_token`` is
     ``[SEP]`` too, so generation stops where BLIP's does. Decoding joins the words with single
-    spaces. Each word must be one word of :func:`caption_words` (lowercase, no spaces, punctuation
+    spaces. Each word must be one word of ``caption_words`` (lowercase, no spaces, punctuation
     alone) and not a special token; ValueError names the first that is not.
     """
     vocab_words = sorted(set(words))

@@ -42,8 +42,8 @@ BYPASS = ("TRL's SFTTrainer computes its own loss (a fused log-probability head)
 
 
 def check_loss_options(objective: Any, options: dict[str, Any], vocab_size: Optional[int] = None) -> None:
-    """The objective and the options :func:`patch`, ``compute_loss_func`` and ``sft_trainer`` take:
-    those of :func:`seqloss.objective_loss` (class weights as ``weight=``), checked before training."""
+    """The objective and the options ``patch``, ``compute_loss_func`` and ``sft_trainer`` take:
+    those of ``seqloss.objective_loss`` (class weights as ``weight=``), checked before training."""
     if "class_weight" in options:
         raise TypeError("pass class weights as weight= (as seqloss.objective_loss and F.cross_entropy take them)")
     check_options(objective, fused_loss_options(options), vocab_size)
@@ -257,7 +257,7 @@ def _original_of(previous_forward: Any, cls: Any) -> Callable:
 def patch(model: Any, objective: Any = "smile", fused: bool = False, **options: Any) -> Any:
     """Make ``model`` train with ``objective`` (a name or a mixture) whenever it is given ``labels``.
 
-    Options are those of :func:`seqloss.objective_loss` (``exclude_ids``, ``label_smoothing``, ...);
+    Options are those of ``seqloss.objective_loss`` (``exclude_ids``, ``label_smoothing``, ...);
     the shift and ``num_items_in_batch`` follow the model's family. ``fused=True`` (causal LMs)
     computes the loss from the last hidden states and the LM-head weight without logits; the
     outputs then carry ``logits=None`` (tuples keep their layout: ``(loss, None, ...)``). A PEFT
@@ -266,7 +266,7 @@ def patch(model: Any, objective: Any = "smile", fused: bool = False, **options: 
     or refuses with a ValueError. Causal LMs hand the call's ``position_ids`` (or the
     ``cu_seq_lens_q`` of a flattening collator) to the loss, so packed examples are scored apart.
     TRL's ``SFTTrainer`` never calls the patched loss: a UserWarning says so when TRL is in use
-    (train with :func:`seqloss.hf.sft_trainer`). Returns ``model`` as passed; :func:`unpatch` undoes it.
+    (train with ``seqloss.hf.sft_trainer``). Returns ``model`` as passed; ``unpatch`` undoes it.
     """
     if not isinstance(fused, bool):
         raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
@@ -322,7 +322,7 @@ def _restore_attribute(owner: Any, name: str, previous: Any) -> None:
 
 
 def unpatch(model: Any) -> Any:
-    """Undo :func:`patch` (a no-op on a model that is not patched); returns the model."""
+    """Undo ``patch`` (a no-op on a model that is not patched); returns the model."""
     state = peft_base_model(model).__dict__.pop(_STATE, None)
     if state is not None:
         state["restore"]()
