@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # what a process it spawns imports its functions from
     spec.loader.exec_module(module)
     return module
 
@@ -49,3 +51,9 @@ def test_markov_sessions_are_right_padded_walks_that_mostly_follow_the_chain():
     follows_chain = (chain[current] == following.unsqueeze(1)).any(1).float().mean()
     assert follows_chain > 0.85  # 10% noise, some of which lands on a successor
     assert [len(e["input_ids"]) for e in sessions_module.as_examples(sessions)] == lengths.tolist()
+
+
+def test_tensor_parallel_smile_takes_the_one_process_steps():
+    out = _load("tensor_parallel_smile").main()  # TP=2 x DP=2 over 4 gloo processes, then 1 process
+    assert out["parallel"] == pytest.approx(out["single"], rel=1e-5)
+    assert out["single"][-1] < out["single"][0]

@@ -15,16 +15,17 @@ PACKAGE = SRC / "seqloss"
 
 # Floors of the core, bottom first: a module imports only from floors below its own.
 FLOORS = [
-    {"seqloss._lazy", "seqloss.reference", "seqloss._buffers", "seqloss.sampling"},
+    {"seqloss._lazy", "seqloss.reference", "seqloss._buffers", "seqloss.sampling", "seqloss.parallel",
+     "seqloss.parallel.collectives"},
     {"seqloss.call"},  # the call's data model, below the validator and the plan alike
-    {"seqloss.support", "seqloss.token_math"},
+    {"seqloss.support", "seqloss.token_math", "seqloss._validate_parallel"},
     {"seqloss._validate"},
-    {"seqloss.plan", "seqloss._validate_sampled", "seqloss.stats"},
+    {"seqloss.plan", "seqloss._validate_sampled", "seqloss.stats", "seqloss.parallel.sequence"},
     {"seqloss.torch_logits", "seqloss.torch_linear", "seqloss.kernels", "seqloss.kernels.engine",
-     "seqloss.kernels.parts", "seqloss.kernels.support_ce", "seqloss.torch_sampled"},
+     "seqloss.kernels.parts", "seqloss.kernels.support_ce", "seqloss.torch_sampled", "seqloss.parallel.vocab_logits"},
     {"seqloss.autograd"},
     {"seqloss.dispatch"},
-    {"seqloss.functional"},
+    {"seqloss.functional", "seqloss.parallel.normalise"},
     {"seqloss.modules"},
 ]
 FLOOR = {module: i for i, floor in enumerate(FLOORS) for module in floor}
@@ -117,14 +118,17 @@ def test_no_private_name_from_a_sibling(module):
 def test_one_dispatch_table_covers_every_path_and_impl():
     from seqloss import dispatch
     assert set(dispatch.TABLE) == {(path, impl) for path in ("logits", "linear", "sampled")
-                                   for impl in ("reference", "torch", "triton")}
+                                   for impl in ("reference", "torch", "triton")} | {
+        ("logits", "vocab_parallel"), ("linear", "vocab_parallel")}
 
 
 # --- an option lives in a few places (STYLE §13) ------------------------------------------------------
 
 OPTIONS = ("shift", "ignore_index", "label_smoothing", "reduction", "num_items_in_batch", "impl", "position_ids",
            "turns", "softcap", "z_loss", "class_weight", "token_weights", "return_stats")
-CONSUMERS = ("seqloss.hf", "seqloss.workbench", "seqloss.cli", "seqloss.masking")
+# Set options as users do: the integrations, the workbench, and the helpers beside the losses that take
+# the same keywords for what they compute (seqloss.num_items_in_batch counts what "mean" divides by).
+CONSUMERS = ("seqloss.hf", "seqloss.workbench", "seqloss.cli", "seqloss.masking", "seqloss.parallel.normalise")
 
 
 def _code_names(path: Path) -> set[str]:

@@ -6,7 +6,7 @@ EOS, explicit candidates, and weighted mixtures of them. See DESIGN §1 and ``se
 """
 from . import masking
 from ._buffers import kept_workspace_bytes, release_workspaces, set_workspace_budget
-from .call import LossStats
+from .call import ContextParallel, LossStats, VocabParallel
 from .functional import (
                          cross_entropy,
                          linear_loss,
@@ -29,6 +29,7 @@ from .modules import (
                          SmileLoss,
                          SubsetCrossEntropyLoss,
 )
+from .parallel.normalise import num_items_in_batch
 from .support import OBJECTIVES
 
 __version__ = "0.1.0"
@@ -37,7 +38,7 @@ __all__ = [
     "cross_entropy", "smile_loss", "random_subset_loss", "reverse_subset_loss", "selective_eos_loss",
     "subset_cross_entropy", "objective_loss", "linear_loss", "sampled_softmax_loss",
     "CrossEntropyLoss", "SmileLoss", "RandomSubsetLoss", "ReverseSubsetLoss", "SelectiveEOSLoss",
-    "SubsetCrossEntropyLoss", "ObjectiveLoss", "SampledSoftmaxLoss", "LinearLoss", "LossStats", "OBJECTIVES",
+    "SubsetCrossEntropyLoss", "ObjectiveLoss", "SampledSoftmaxLoss", "LinearLoss", "LossStats", "OBJECTIVES", "VocabParallel", "ContextParallel", "num_items_in_batch",
     "masking",
     "release_workspaces", "set_workspace_budget", "kept_workspace_bytes",
 ]

@@ -25,7 +25,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .call import Call, Common, CommonOptions, Member, SoftmaxOptions
+from ._validate_parallel import check_context_parallel, local, local_labels, shard_of
+from .call import Call, Common, CommonOptions, ContextParallel, Member, SoftmaxOptions, VocabParallel
 from .support import OBJECTIVES
 
 REDUCTIONS = ("mean", "sum", "none", "sequence")
@@ -62,16 +63,23 @@ def check_options(objective: Any, options: Mapping[str, Any], vocab_size: Option
 
 
 def check_logits_call(objective: Any, options: Mapping[str, Any], logits: Any, labels: Any) -> Call:
-    """A call on logits (..., N, V) with labels (..., N)."""
-    check_scores(logits, "logits", "V")
-    return _call(objective, options, logits, logits.shape[-1], labels, "logits")
+    """A call on logits (..., N, V) with labels (..., N); on a vocabulary shard (a DTensor or the
+    ``vocab_parallel`` keyword), logits (..., N, V / ranks) and the whole vocabulary's labels."""
+    logits, shard = shard_of(logits, -1, "logits", options.get("vocab_parallel"))
+    check_scores(logits, "logits", "V", empty_ok=shard is not None)
+    vocab = logits.shape[-1] if shard is None else shard.vocab_size
+    return _call(objective, {**options, "vocab_parallel": shard}, logits, vocab, local_labels(labels), "logits")
 
 
 def check_linear_call(objective: Any, options: Mapping[str, Any], hidden: Any, weight: Any, bias: Any,
                       labels: Any) -> Call:
-    """A fused-head call: hidden (..., N, H), weight (V, H), bias (V,) or None, labels (..., N)."""
-    check_head(hidden, weight, bias)
-    return _call(objective, options, hidden, weight.shape[0], labels, "hidden")
+    """A fused-head call: hidden (..., N, H), weight (V, H), bias (V,) or None, labels (..., N); on a
+    vocabulary shard, the weight's (and bias') rows are this rank's slice."""
+    weight, shard = shard_of(weight, 0, "weight", options.get("vocab_parallel"))
+    hidden, bias = local(hidden), local(bias)
+    check_head(hidden, weight, bias, empty_ok=shard is not None)
+    vocab = weight.shape[0] if shard is None else shard.vocab_size
+    return _call(objective, {**options, "vocab_parallel": shard}, hidden, vocab, local_labels(labels), "hidden")
 
 
 def _call(objective: Any, options: Mapping[str, Any], scores: Tensor, vocab: int, labels: Any, against: str) -> Call:
@@ -80,6 +88,10 @@ def _call(objective: Any, options: Mapping[str, Any], scores: Tensor, vocab: int
     objectives = check_objective(objective)
     *lead_list, N = scores.shape[:-1]
     lead = tuple(lead_list)
+    context = check_context_parallel(common.context_parallel, labels, N, against)
+    if context is not None:  # the scores hold some positions; the labels are whole
+        N = labels.shape[-1]
+        common = dataclasses.replace(common, context_parallel=context)
     flat = check_labels(labels, (*lead, N), vocab, common.ignore_index, scores.device, against)
     members = route_options(objectives, others, vocab, lead, N, scores.device)
     return Call(place_tensors(common, flat.shape, tuple(labels.shape), vocab, scores.device), members, flat, lead, N,
@@ -108,13 +120,17 @@ def check_common(options: Mapping[str, Any]) -> Common:
         if o.get(name) is not None and not isinstance(o[name], Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(o[name]).__name__}")
     softmax = check_softmax(o.get("label_smoothing", 0.0), o.get("z_loss", 0.0), o.get("softcap"))
+    for name, kind in (("vocab_parallel", VocabParallel), ("context_parallel", ContextParallel)):
+        if o.get(name) is not None and not isinstance(o[name], kind):
+            raise TypeError(f"{name} must be a seqloss.{kind.__name__} or None, got {type(o[name]).__name__}")
     if o.get("class_weight") is not None and softmax.label_smoothing > 0:
         raise ValueError("class weights with label_smoothing > 0 are not supported (torch weights the "
                          "smoothing term per class, over the whole vocabulary, which subsets do not have)")
     return Common(shift=shift, ignore_index=int(ignore_index), reduction=reduction,
                   num_items_in_batch=check_num_items(o.get("num_items_in_batch")), impl=impl,
                   position_ids=o.get("position_ids"), turns=turns, class_weight=o.get("class_weight"),
-                  token_weights=o.get("token_weights"), return_stats=return_stats, softmax=softmax)
+                  token_weights=o.get("token_weights"), return_stats=return_stats, softmax=softmax,
+                  vocab_parallel=o.get("vocab_parallel"), context_parallel=o.get("context_parallel"))
 
 
 def check_softmax(label_smoothing: Any, z_loss: Any, softcap: Any) -> SoftmaxOptions:
@@ -212,22 +228,24 @@ def check_class_weight(weight: Tensor, vocab_size: int) -> None:
 # --- the tensors a call scores ---------------------------------------------------------------------
 
 
-def check_scores(scores: Any, name: str, last: str) -> None:
-    """Logits (..., N, V) or hidden states (..., N, H): a floating-point tensor with values."""
+def check_scores(scores: Any, name: str, last: str, empty_ok: bool = False) -> None:
+    """Logits (..., N, V) or hidden states (..., N, H): a floating-point tensor with values (a
+    vocabulary shard, ``empty_ok``, may hold no ids)."""
     if not isinstance(scores, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(scores).__name__}")
     if not scores.is_floating_point():
         raise TypeError(f"{name} must be floating point (fp32, bf16 or fp16), got {scores.dtype}")
     if scores.dim() < 2:
         raise ValueError(f"{name} must have shape (..., N, {last}), got {tuple(scores.shape)}")
-    if scores.shape[-1] < 1:
+    if scores.shape[-1] < 1 and not empty_ok:
         raise ValueError(f"{name} must have a last dimension {last} >= 1, got {tuple(scores.shape)}")
     if scores.device.type == "meta":
         raise ValueError(f"{name} are on the meta device: they hold no values to compute a loss from")
 
 
-def check_head(hidden: Any, weight: Any, bias: Any) -> None:
-    """The fused head: hidden (..., N, H), weight (V, H), bias (V,) or None, floating point, on one device.
+def check_head(hidden: Any, weight: Any, bias: Any, empty_ok: bool = False) -> None:
+    """The fused head: hidden (..., N, H), weight (V, H), bias (V,) or None, floating point, on one
+    device (a vocabulary shard, ``empty_ok``, may hold no rows).
 
     Dtypes may differ (a bf16 hidden with an fp32 weight, the usual mixed-precision set-up): the
     head then runs in autocast's dtype under autocast, else in the widest of the three.
@@ -240,7 +258,7 @@ def check_head(hidden: Any, weight: Any, bias: Any) -> None:
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight width {weight.shape[1]} does not match hidden width {hidden.shape[-1]}: "
                          f"weight must be (V, H) like nn.Linear / lm_head.weight")
-    if weight.shape[0] < 1:
+    if weight.shape[0] < 1 and not empty_ok:
         raise ValueError("weight must have at least one row (V >= 1)")
     if not weight.is_floating_point():
         raise TypeError(f"weight must be floating point, got {weight.dtype}")

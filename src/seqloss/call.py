@@ -73,11 +73,21 @@ class CommonOptions(BaseOptions, total=False):
       ``final_logit_softcapping``), each logit capped as the engine reads or makes it (no copy).
     * ``z_loss=0.0`` — ζ: each supervised position adds ζ·lse², lse over its support (PaLM's z-loss
       for MLE, 1e-4 there), weighted and reduced like the loss.
+    * ``vocab_parallel=None`` — a ``VocabParallel``: the logits (or the head's weight) given are this
+      rank's slice of the vocabulary, as Megatron-LM passes them; labels and every other tensor are
+      whole, the same on every rank of the group. Logits given as a DTensor sharded on the
+      vocabulary (torchtitan's ``loss_parallel``) need no keyword.
+    * ``context_parallel=None`` — a ``ContextParallel``: the logits (or hidden states) given hold
+      these positions of every sequence; labels, ``position_ids`` and ``token_weights`` are whole
+      (..., N), the same on every rank of the group. The loss returned is the whole batch's on every
+      rank; each rank's gradient is its positions' part.
     """
 
     turns: bool
     softcap: Optional[float]
     z_loss: float
+    vocab_parallel: Optional[VocabParallel]
+    context_parallel: Optional[ContextParallel]
 
 
 class LogitsOptions(CommonOptions, total=False):
@@ -120,6 +130,54 @@ class LinearOptions(CommonOptions, MemberOptions, total=False):
     class_weight: Optional[Tensor]
 
 
+@dataclass(frozen=True)
+class VocabParallel:
+    """This rank's slice of a vocabulary-sharded head: ids ``[start, stop)`` of ``vocab_size``, the
+    other slices held by the ranks of ``group`` (a ``torch.distributed`` process group; None: the
+    default group). ``VocabParallel.even`` makes the slices ``torch.chunk`` (and DTensor's
+    ``Shard``) makes."""
+
+    start: int
+    stop: int
+    vocab_size: int
+    group: Any = None
+
+    @classmethod
+    def even(cls, vocab_size: int, group: Any = None) -> VocabParallel:
+        """This rank's slice when ``vocab_size`` ids are split in order over the group's ranks,
+        ceil(V / ranks) each (the last ones smaller or empty)."""
+        import torch.distributed as dist
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        chunk = -(-vocab_size // size)
+        start = min(rank * chunk, vocab_size)
+        return cls(start, min(start + chunk, vocab_size), vocab_size, group)
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """The positions of each sequence this rank's scores hold (a sequence split over ``group``'s
+    ranks, as context parallelism splits it): ``positions`` (N_local,) ascending ids in [0, N).
+    ``even`` makes contiguous slices; ``load_balanced`` the two chunks per rank (r and 2R-1-r of 2R)
+    that causal ring attention balances its work with."""
+
+    positions: Tensor
+    group: Any = None
+
+    @classmethod
+    def even(cls, length: int, group: Any = None) -> ContextParallel:
+        import torch.distributed as dist
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        chunk = -(-length // size)
+        return cls(torch.arange(min(rank * chunk, length), min((rank + 1) * chunk, length)), group)
+
+    @classmethod
+    def load_balanced(cls, length: int, group: Any = None) -> ContextParallel:
+        import torch.distributed as dist
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        chunks = torch.arange(length).tensor_split(2 * size)
+        return cls(torch.cat([chunks[rank], chunks[2 * size - 1 - rank]]), group)
+
+
 class SoftmaxOptions(NamedTuple):
     """The options the per-position math reads, carried as one value from the validator to the math."""
 
@@ -144,10 +202,14 @@ class Common:
     token_weights: Optional[Tensor] = None  # (B, N) fp32, unshifted
     return_stats: bool = False
     softmax: SoftmaxOptions = SoftmaxOptions()
+    vocab_parallel: Optional[VocabParallel] = None
+    context_parallel: Optional[ContextParallel] = None
 
     def keywords(self) -> dict[str, Any]:
-        """Every option as the keyword it came as (the dense spec takes them so)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "softmax"}
+        """Every option as the keyword it came as (the dense spec takes them so), but the shard (the
+        spec scores whole logits)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("softmax", "vocab_parallel", "context_parallel")}
         return {**out, **self.softmax._asdict()}
 
 

@@ -15,8 +15,11 @@ import torch
 from torch import Tensor
 
 from . import kernels, reference, torch_linear, torch_logits, torch_sampled
+from ._validate_parallel import local
 from .autograd import Op, compute_dtype
 from .call import Call, LossStats, SampledCall
+from .parallel import sequence, vocab_logits
+from .parallel.collectives import SumGradient, eager
 from .plan import Inputs, Plan, Result, SampledPlan, plan_of, sampled_plan_of
 from .sampling import Negatives, draw_negatives
 from .stats import loss_stats
@@ -52,7 +55,26 @@ def no_sampled_kernel(inputs: Inputs, call: SampledCall) -> Result:
                      "(T, K), one small matmul); use impl='torch' or impl='auto'")
 
 
+@eager
+def logits_vocab_parallel(inputs: Inputs, call: Call) -> Result:
+    """This rank's slice of the logits (B, N, V / ranks) — eager: a process group crosses no custom op."""
+    return LOGITS_VOCAB_PARALLEL(inputs, call)
+
+
+@eager
+def linear_vocab_parallel(inputs: Inputs, call: Call) -> Result:
+    """The head's rows for this rank's slice: its logits, then the logits path. The hidden states'
+    gradient is summed over the group (each rank's is a part of it), as a column-parallel layer's."""
+    hidden, weight, bias = inputs
+    assert weight is not None and call.common.vocab_parallel is not None
+    dtype = compute_dtype(inputs)
+    hidden = SumGradient.apply(hidden, call.common.vocab_parallel.group)
+    logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return LOGITS_VOCAB_PARALLEL((logits, None, None), call)
+
+
 LOGITS_TORCH = Op("logits_torch", torch_logits.engine, plan_of, Plan)
+LOGITS_VOCAB_PARALLEL = Op("logits_vocab_parallel", vocab_logits.engine, plan_of, Plan)
 LOGITS_TRITON = Op("logits_triton", kernels.logits_engine, plan_of, Plan)
 LINEAR_TORCH = Op("linear_torch", torch_linear.engine, plan_of, Plan)
 LINEAR_TRITON = Op("linear_triton", kernels.linear_engine, plan_of, Plan)
@@ -62,23 +84,36 @@ TABLE: dict[tuple[str, str], Callable[..., Result]] = {
     ("logits", "reference"): logits_reference,
     ("logits", "torch"): LOGITS_TORCH,
     ("logits", "triton"): LOGITS_TRITON,
+    ("logits", "vocab_parallel"): logits_vocab_parallel,
     ("linear", "reference"): linear_reference,
     ("linear", "torch"): LINEAR_TORCH,
     ("linear", "triton"): LINEAR_TRITON,
+    ("linear", "vocab_parallel"): linear_vocab_parallel,
     ("sampled", "reference"): sampled_reference,
     ("sampled", "torch"): SAMPLED_TORCH,
     ("sampled", "triton"): no_sampled_kernel,
 }
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """``"auto"`` → a concrete impl; a named impl that cannot run here raises.
+def resolve_impl(impl: str, device: torch.device, sharded: bool = False, split: bool = False) -> str:
+    """``"auto"`` → a concrete impl; a named impl that cannot run here raises. On a vocabulary
+    shard, ``"auto"`` and ``"torch"`` are ``"vocab_parallel"`` (the only engine that combines shards).
+    On a sequence ``split`` over a context-parallel group, the dense spec cannot run (it scores whole
+    sequences); every engine can.
 
     ``"auto"`` is ``"torch"``: nothing picks the Triton kernels unless asked for by name. They are
     verified against the dense spec (interpreter, sm_90 compile, an H200) and timed once on an H200
     (benchmarks/RESULTS.md), where for MLE they still trail Cut Cross-Entropy; choosing them for
     "auto" on CUDA waits for that gap and a second timing.
     """
+    if split and impl == "reference":
+        raise ValueError("impl='reference' cannot run on a part of each sequence (context_parallel): it scores "
+                         "whole sequences; use impl='torch', 'triton' or 'auto'")
+    if sharded:
+        if impl not in ("auto", "torch"):
+            raise ValueError(f"impl={impl!r} cannot run on a vocabulary shard (vocab_parallel or a DTensor sharded "
+                             f"on the vocabulary); use impl='torch' or impl='auto'")
+        return "vocab_parallel"
     if impl == "triton":
         reason: Optional[str] = kernels.unavailable_reason(device)
         if reason is not None:
@@ -88,15 +123,21 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 def logits_loss(logits: Tensor, call: Call) -> Union[Tensor, LossStats]:
     """logits (..., N, V) of a validated call → the loss (or, when statistics are asked for, LossStats)."""
-    impl = resolve_impl(call.common.impl, logits.device)
-    result = TABLE["logits", impl]((logits.reshape(-1, call.N, logits.shape[-1]), None, None), call)
+    logits = local(logits)
+    c = call.common
+    impl = resolve_impl(c.impl, logits.device, c.vocab_parallel is not None, c.context_parallel is not None)
+    N = call.N if c.context_parallel is None else c.context_parallel.positions.numel()
+    result = TABLE["logits", impl]((logits.reshape(call.labels.shape[0], N, logits.shape[-1]), None, None), call)
     return finish(result, call)
 
 
 def linear_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], call: Call) -> Union[Tensor, LossStats]:
     """hidden (..., N, H) and the head of a validated call → the loss (or LossStats)."""
-    impl = resolve_impl(call.common.impl, hidden.device)
-    result = TABLE["linear", impl]((hidden.reshape(-1, call.N, hidden.shape[-1]), weight, bias), call)
+    hidden, weight, bias = local(hidden), local(weight), local(bias)
+    c = call.common
+    impl = resolve_impl(c.impl, hidden.device, c.vocab_parallel is not None, c.context_parallel is not None)
+    N = call.N if c.context_parallel is None else c.context_parallel.positions.numel()
+    result = TABLE["linear", impl]((hidden.reshape(call.labels.shape[0], N, hidden.shape[-1]), weight, bias), call)
     return finish(result, call)
 
 
@@ -134,8 +175,11 @@ def reduce(out: Tensor, call: Union[Call, SampledCall]) -> Tensor:
 
 def finish(result: Result, call: Union[Call, SampledCall]) -> Union[Tensor, LossStats]:
     """The final reduction, and when statistics are asked for the ``LossStats`` of the same pass."""
-    loss = reduce(result.loss, call)
+    split = isinstance(call, Call) and call.common.context_parallel is not None
+    reduced = sequence.reduce if split else reduce
+    loss = reduced(result.loss, call)  # type: ignore[arg-type]
     if not call.common.return_stats:
         return loss
     assert isinstance(call, Call)
-    return loss_stats(loss, reduce(result.z_part, call).detach(), result.predicted, call)
+    z_part = reduced(result.z_part, call).detach()
+    return loss_stats(loss, z_part, result.predicted, call)

@@ -11,6 +11,7 @@ lists a custom op takes, and rebuilds it.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ._buffers import GradTriple
-from .call import Call, Common, SampledCall, SoftmaxOptions
+from .call import Call, Common, SampledCall, SoftmaxOptions, VocabParallel
 from .support import OBJECTIVES, FullSupport, ListSupport, Targets, shift_values, targets_of
 
 Inputs = tuple[Tensor, Optional[Tensor], Optional[Tensor]]  # logits; or hidden, weight, bias
@@ -52,12 +53,39 @@ class Plan:
     softmax: SoftmaxOptions
     scalar: bool              # the output is Σ coef·loss (mean / sum), else coef·loss per position
     stats: bool = False       # also hand back each position's z-loss term and argmax (statistics asked for)
+    shard: Optional[VocabParallel] = None  # the scores hold this slice of the vocabulary (ids are global)
 
     def list_of(self, b: Tensor, n: Tensor) -> Tensor:
         """Which of a part's per-sequence lists the positions (b, n) use."""
         return b if self.sequence is None else self.sequence[b, n]
 
+    def at(self, positions: Tensor) -> Plan:
+        """The plan of the whole sequences, restricted to ``positions`` (N_local,) of each — what a
+        rank of a context-parallel group scores. Supports, weights and sequences come from the whole
+        labels, so each list and each weight is the whole sequence's."""
+        N = self.labels.shape[1]
+
+        def take(x: Tensor) -> Tensor:
+            return x[:, positions]
+
+        # per-position lists are (B, N, K); per-sequence ones (L, 1, K) stay whole (with N = 1 either is right)
+        per_position = [p.ids is not None and p.ids.shape[1] == N > 1 for p in self.parts]
+        parts = [SupportPart(p.alpha, p.exclude, take(p.ids) if each and p.ids is not None else p.ids, take(p.positions))
+                 for p, each in zip(self.parts, per_position)]
+        sequence = None if self.sequence is None else take(self.sequence)
+        if sequence is not None and N > 1 and positions.numel() == 1:
+            # One position per row: engines would read per-position lists (B, 1, K) as per-sequence
+            # ones, so every list becomes its row's, and the rows are the sequences.
+            row = sequence[:, 0]
+            parts = [SupportPart(p.alpha, None if p.exclude is None else p.exclude[row],
+                                 p.ids if p.ids is None or each else p.ids[row], p.positions)
+                     for p, each in zip(parts, per_position)]
+            sequence = None
+        return dataclasses.replace(self, labels=take(self.labels), target_mask=take(self.target_mask),
+                                   coef=take(self.coef), parts=parts, sequence=sequence)
+
     def arguments(self) -> Arguments:
+        assert self.shard is None, "a process group cannot cross a custom op: vocabulary-parallel calls run eagerly"
         tensors = [self.labels, self.target_mask, self.coef, self.sequence]
         scalars = [float(self.scalar), float(self.stats), *self.softmax]
         for part in self.parts:
@@ -208,9 +236,10 @@ def plan_of(call: Call) -> Plan:
     c = call.common
     t = targets_of(call.labels, c, call.vocab_size)
     supports = [(m.weight, OBJECTIVES[m.name].build(t, **m.options)) for m in call.members]
-    return Plan(torch.where(t.target_mask, t.labels, 0), t.target_mask, position_weights(t, c),
+    plan = Plan(torch.where(t.target_mask, t.labels, 0), t.target_mask, position_weights(t, c),
                 support_parts(supports, t.target_mask), None if t.sequences is None else t.sequences.index,
-                c.softmax, scalar=c.reduction in ("mean", "sum"), stats=c.return_stats)
+                c.softmax, scalar=c.reduction in ("mean", "sum"), stats=c.return_stats, shard=c.vocab_parallel)
+    return plan if c.context_parallel is None else plan.at(c.context_parallel.positions)
 
 
 def sampled_plan_of(call: SampledCall) -> SampledPlan:

@@ -10,14 +10,23 @@ import torch
 from torch import Tensor
 
 from .call import Call, LossStats
+from .parallel import collectives
 from .support import targets_of
 
 
 def loss_stats(loss: Tensor, z_part: Tensor, predicted: Tensor, call: Call) -> LossStats:
     """The loss, its reduced z-loss part, and the token accuracy of the argmax ids ``predicted``
-    (B, N) against the shifted labels (``ignore_index`` where there is no target)."""
+    (B, N) against the shifted labels (``ignore_index`` where there is no target). Under context
+    parallelism ``predicted`` holds this rank's positions (and so do the ids returned); the
+    accuracy is the whole batch's."""
     t = targets_of(call.labels, call.common, call.vocab_size)
-    hits = ((predicted == t.labels) & t.target_mask).sum()
-    accuracy = (hits / t.target_mask.sum().clamp_min(1)).float()
-    predicted_ids = torch.where(t.target_mask, predicted, call.common.ignore_index)
-    return LossStats(loss, z_part, accuracy, predicted_ids.reshape(*call.lead, call.N))
+    labels, mask, N = t.labels, t.target_mask, call.N
+    context = call.common.context_parallel
+    if context is not None:
+        labels, mask, N = labels[:, context.positions], mask[:, context.positions], context.positions.numel()
+    counts = torch.stack([((predicted == labels) & mask).sum(), mask.sum()]).float()
+    if context is not None:
+        collectives.sum_(counts, context.group)
+    accuracy = counts[0] / counts[1].clamp_min(1)
+    predicted_ids = torch.where(mask, predicted, call.common.ignore_index)
+    return LossStats(loss, z_part, accuracy, predicted_ids.reshape(*call.lead, N))

@@ -32,19 +32,21 @@ def batch() -> dict[str, torch.Tensor]:
     return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
 
 
-def tiny_gpt2() -> torch.nn.Module:
+def tiny_gpt2(tied: bool = True) -> torch.nn.Module:
     torch.manual_seed(0)
     config = models.transformers.GPT2Config(vocab_size=models.V, n_positions=32, n_embd=16, n_layer=2, n_head=2,
                                             bos_token_id=1, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0,
-                                            attn_pdrop=0.0)
+                                            attn_pdrop=0.0, tie_word_embeddings=tied)
     return models.transformers.GPT2LMHeadModel(config)
 
 
 def wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    if mode == "fsdp":
+    if mode.startswith("fsdp"):
         from torch.distributed.fsdp import fully_shard
         for block in model.transformer.h:
             fully_shard(block)
+        if mode != "fsdp":  # the head a unit of its own, its weight resharded after its forward or kept
+            fully_shard(model.lm_head, reshard_after_forward=mode == "fsdp_head")
         fully_shard(model)
         return model
     if mode == "ddp":
@@ -60,7 +62,8 @@ def full_parameters(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["single", "fsdp", "ddp"], required=True)
+    parser.add_argument("--mode", choices=["single", "fsdp", "fsdp_head", "fsdp_head_kept", "ddp"], required=True)
+    parser.add_argument("--untied", action="store_true", help="a head of its own, not the input embeddings")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
@@ -70,7 +73,7 @@ def main() -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     data = batch()
     result: dict[str, object] = {}
-    model = tiny_gpt2()
+    model = tiny_gpt2(tied=not args.untied)
     if rank == 0 and not distributed:
         with torch.no_grad():
             logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits

@@ -17,9 +17,9 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(mode: str, out: Path, launcher: list[str]) -> dict:
+def _run(mode: str, out: Path, launcher: list[str], *flags: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([*launcher, "-m", "tests.hf.distributed_steps", "--mode", mode, "--out", str(out)],
+    done = subprocess.run([*launcher, "-m", "tests.hf.distributed_steps", "--mode", mode, "--out", str(out), *flags],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out)
@@ -30,14 +30,35 @@ def single(tmp_path_factory):
     return _run("single", tmp_path_factory.mktemp("single") / "one.pt", [sys.executable])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode, port", [("fsdp", "29541"), ("ddp", "29542")])
-def test_two_processes_take_the_same_steps_as_one(single, tmp_path, mode, port):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    two = _run(mode, tmp_path / "two.pt", torchrun)
+@pytest.fixture(scope="module")
+def single_untied(tmp_path_factory):
+    return _run("single", tmp_path_factory.mktemp("single") / "one.pt", [sys.executable], "--untied")
+
+
+def _check_same_steps(single: dict, two: dict) -> None:
     assert single["losses"][0] == pytest.approx(single["smile_on_logits"], rel=1e-5)
     assert single["losses"][-1] < single["losses"][0]  # it trained
     assert two["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert two["parameters"].keys() == single["parameters"].keys()
     for name, value in single["parameters"].items():
         torch.testing.assert_close(two["parameters"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _torchrun(port: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, port", [("fsdp", "29541"), ("ddp", "29542")])
+def test_two_processes_take_the_same_steps_as_one(single, tmp_path, mode, port):
+    _check_same_steps(single, _run(mode, tmp_path / "two.pt", _torchrun(port)))
+
+
+def test_fsdp2_with_the_head_a_unit_of_its_own_resharded_after_forward(single_untied, tmp_path):
+    # The fused loss runs inside the head's own call, where FSDP has gathered its weight.
+    _check_same_steps(single_untied, _run("fsdp_head", tmp_path / "two.pt", _torchrun("29543"), "--untied"))
+
+
+@pytest.mark.slow
+def test_fsdp2_with_the_head_a_unit_of_its_own_kept_after_forward(single_untied, tmp_path):
+    _check_same_steps(single_untied, _run("fsdp_head_kept", tmp_path / "two.pt", _torchrun("29544"), "--untied"))

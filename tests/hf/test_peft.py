@@ -176,6 +176,15 @@ def test_unknown_head_wrappers_and_hooks_are_refused():
         model(**causal_batch())
 
 
+def test_a_head_deepspeed_zero3_partitions_is_refused_by_name():
+    model = llama()
+    seqloss.hf.patch(model, "smile", fused=True)
+    model.lm_head.weight.ds_id = 7  # what ZeRO-3 marks its partitioned parameters with (their data empty)
+    model.lm_head.register_forward_pre_hook(lambda module, args: args)  # its gathering hook
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        model(**causal_batch())
+
+
 def test_unpatch_through_the_peft_model():
     batch = causal_batch()
     model = _peft_model(llama, True)

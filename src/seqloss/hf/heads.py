@@ -38,14 +38,15 @@ def peft_base_model(model: Any) -> Any:
     return model
 
 
-def linear_head(head: Any, where: str = "lm_head") -> HeadMap:
+def linear_head(head: Any, where: str = "lm_head", in_own_call: bool = False) -> HeadMap:
     """The map ``hidden -> (hidden', weight, bias)`` with ``F.linear(hidden', weight, bias) == head(hidden)``.
 
     Raises ValueError naming ``where`` (e.g. ``"LlamaForCausalLM.lm_head"``) when the head is not
     something whose output the fused loss can reproduce exactly. Cheap: call it at every forward, so
-    that an adapter added after ``patch`` is seen.
+    that an adapter added after ``patch`` is seen. ``in_own_call``: read from inside the head's own
+    call (an FSDP2 unit, whose hooks have gathered its weight), where its hooks are FSDP's.
     """
-    _check_called_as_defined(head, where)
+    _check_called_as_defined(head, where, in_own_call)
     if _is_plain_linear(head):
         return lambda hidden: (hidden, head.weight, head.bias)
     peft = sys.modules.get("peft")
@@ -125,13 +126,38 @@ def _is_plain_linear(module: Any) -> bool:
             and type(module.weight) in plain and (module.bias is None or type(module.bias) in plain))
 
 
-def _check_called_as_defined(module: Any, where: str) -> None:
-    """The fused loss reads the module's weights instead of calling it: nothing may intervene in the call."""
+def fsdp_unit(module: Any) -> bool:
+    """Whether ``module`` is a unit of its own under FSDP2 (``fully_shard``): its weight is whole only
+    inside its own call, where FSDP's hooks have gathered it."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _fsdp_hook(hook: Any) -> bool:
+    return type(getattr(hook, "__self__", None)).__name__ == "FSDPState"
+
+
+def _check_called_as_defined(module: Any, where: str, in_own_call: bool = False) -> None:
+    """The fused loss reads the module's weights instead of calling it: nothing may intervene in the
+    call (but FSDP's own hooks, when the loss runs inside the call they gather the weight for)."""
+    if in_own_call:
+        own = [h for table in (module._forward_hooks, module._forward_pre_hooks) for h in table.values()]
+        if not all(_fsdp_hook(h) for h in own):
+            raise ValueError(f"fused=True cannot reproduce the LM head {where}: besides FSDP's, it has forward "
+                             f"hooks, which the fused loss would bypass; remove them or use fused=False")
+        return
     if "forward" in getattr(module, "__dict__", {}):
         raise ValueError(f"fused=True cannot reproduce the LM head {where}: its forward is replaced on the "
                          f"instance (e.g. accelerate's device-map or offload hooks), which the fused loss would "
                          f"bypass; {_FIX}")
     hooks = getattr(module, "_forward_hooks", None), getattr(module, "_forward_pre_hooks", None)
+    if hasattr(getattr(module, "weight", None), "ds_id"):
+        raise ValueError(f"fused=True cannot read the LM head {where}: DeepSpeed ZeRO-3 partitions its weight and "
+                         f"gathers it only inside the head's forward, so the fused loss would read an empty weight; "
+                         f"use fused=False, or FSDP2 with the head a unit of its own (see the docs' Many GPUs page)")
     if any(hooks):
         raise ValueError(f"fused=True cannot reproduce the LM head {where}: it has forward hooks (e.g. "
                          f"weight normalisation, parameter gathering, peft's mixed-batch adapter_names), which "

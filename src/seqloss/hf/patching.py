@@ -28,7 +28,7 @@ from .families import (
     fused_loss_options,
     logits_uncapped,
 )
-from .heads import linear_head, peft_base_model
+from .heads import fsdp_unit, linear_head, peft_base_model
 
 _STATE = "_seqloss_patch"
 # Set by each family's convention or by the model call, never by the caller.
@@ -146,21 +146,38 @@ def _fused_causal_forward(model: Any, original_of: Callable, objective: Any, opt
             return original(*args, **kwargs)
         position_ids = kwargs.get("position_ids")
         head = model.get_output_embeddings()
-        head_parts = linear_head(head, where)
+        # An FSDP2 unit of its own holds its weight whole only inside its own call: the loss is computed
+        # there (its hooks gather the weight, and see the loss's gradient flow back to reduce it).
+        in_own_call = fsdp_unit(head)
+        head_parts = None if in_own_call else linear_head(head, where)
+        computed: list[Tensor] = []
 
-        def fused_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
-                       shift_labels=None, cu_seq_lens_q=None, **_):
-            hidden, weight, bias = head_parts(logits)  # the bypassed head passed its input through
+        def loss_of(hidden_in, labels, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                    cu_seq_lens_q=None):
+            parts = head_parts or linear_head(head, where, in_own_call=True)
+            hidden, weight, bias = parts(hidden_in)
             shift = shift_labels is None
             targets = (labels if shift else shift_labels).to(hidden.device)
             return linear_loss(hidden, weight, targets, bias=bias, objective=objective, shift=shift,
                                ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
                                position_ids=packed_positions(position_ids, cu_seq_lens_q, targets), **loss_options)
 
+        def in_head(hidden):  # the head's forward inside its own call: the loss, not logits
+            computed.append(loss_of(hidden, labels, kwargs.get("num_items_in_batch"),
+                                    shift_labels=kwargs.get("shift_labels"), cu_seq_lens_q=kwargs.get("cu_seq_lens_q")))
+            return computed[-1]
+
+        def fused_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
+                       shift_labels=None, cu_seq_lens_q=None, **_):
+            if in_own_call:
+                return computed[-1]  # the head's call made it (what the model did to its "logits" aside)
+            # the bypassed head passed its input through: "logits" are the hidden states
+            return loss_of(logits, labels, num_items_in_batch, ignore_index, shift_labels, cu_seq_lens_q)
+
         # Instance attributes set and removed through __dict__ (what nn.Module's setattr does for
         # functions): torch.compile replays these; a `del module.attr` after a set it fails to replay.
         previous = model.__dict__.get("_loss_function")
-        head.__dict__["forward"] = _pass_through
+        head.__dict__["forward"] = in_head if in_own_call else _pass_through
         model.__dict__["_loss_function"] = fused_loss   # what transformers' loss_function setter stores
         try:
             with logits_uncapped(model):
