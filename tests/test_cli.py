@@ -35,7 +35,9 @@ def test_help_works_without_the_extras_and_a_command_names_the_extra():
               "    try:\n        main(argv)\n    except SystemExit as done:\n        print('exit', done.code)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.stdout.count("exit 0") == 2 and "exit 2" in done.stdout, done.stderr
-    assert "(default: 6000)" in done.stdout  # the embedded settings are plain data, shown without the extras
+    from seqloss.workbench.settings import CompareSettings
+    steps = CompareSettings().stage1.steps
+    assert f"(default: {steps})" in done.stdout  # the embedded settings are plain data, shown without the extras
     assert done.stderr.strip() == "seqloss: error: PIL is needed here: pip install 'seqloss[workbench]'"
 
 
@@ -260,3 +262,12 @@ def test_bench_runs_from_any_directory(tmp_path, monkeypatch, capsys):
     main(["bench", "--shape", "small", "--repeats", "1"])
     out = capsys.readouterr().out
     assert out.count("| torch MLE | ") == 2 and "seqloss mle=0.01,smile=0.99" in out and "fused head" in out
+
+
+def test_compare_seed_sets_the_scenes_the_initialisation_and_the_data_order(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import seqloss.workbench.compare as compare_module
+    seen = []
+    monkeypatch.setattr(compare_module, "compare", lambda out, settings, *a, **k: seen.append(settings))
+    main(["compare", "--seed", "3", "--out", str(tmp_path / "out")])
+    assert seen[0].seed == 3 and seen[0].stage1.seed == 3

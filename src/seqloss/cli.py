@@ -189,6 +189,7 @@ def cmd_compare(args) -> None:
             setattr(settings, option, getattr(args, option))
     if args.stage1_steps is not None:
         settings.stage1.steps = args.stage1_steps
+    settings.seed = settings.stage1.seed = args.seed
     data = _split(args) if _user_data(args) else None
     compare(Path(args.out), settings, Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet,
             data=data)
@@ -346,6 +347,8 @@ def parser() -> argparse.ArgumentParser:
         defaults.stage1.steps))
     q.add_argument("--stage2-steps", type=int, help="fine-tuning steps per objective " + default(
         defaults.stage2_steps))
+    q.add_argument("--seed", type=int, default=defaults.seed,
+                   help="the captioner's initialisation, the data order and the scenes " + default(defaults.seed))
     q.add_argument("--cache-dir", help="where stage 1 is cached (default: ~/.cache/seqloss)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     _objective_options(q)

@@ -18,9 +18,17 @@ from seqloss.workbench.scenes import Scene, SceneObject
 
 
 @settings(max_examples=200, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1))
-def test_parser_recovers_exactly_the_facts_each_template_states(seed):
+@given(seed=st.integers(0, 2**32 - 1), position_first=st.sampled_from([0.0, 0.5, 1.0]))
+def test_parser_recovers_exactly_the_facts_each_template_states(seed, position_first):
     scene = scenes.make_scene(random.Random(seed))
+    previous, scenes.POSITION_FIRST = scenes.POSITION_FIRST, position_first
+    try:
+        _check_templates(scene, seed)
+    finally:
+        scenes.POSITION_FIRST = previous
+
+
+def _check_templates(scene, seed):
     rng = random.Random(seed + 1)
     pairs = scenes.captions_with_facts(scene, rng)
     for caption, stated in pairs:
@@ -36,6 +44,12 @@ def test_parser_on_free_text():
         ("shape", "circle"), ("size", "circle", "large"), ("colour", "circle", "red"),
         ("colour", "circle", "blue"), ("position", "circle", "center"), ("position", "circle", "left")}
     assert parse_caption("red on the left") == frozenset()  # attributes without a shape state nothing
+    # A position phrase that opens a noun phrase is that shape's, unless it closes the one before.
+    assert parse_caption("at the top a red circle and on the left a square") == {
+        ("shape", "circle"), ("colour", "circle", "red"), ("position", "circle", "top"),
+        ("shape", "square"), ("position", "square", "left")}
+    assert parse_caption("a circle on the left a square") == {
+        ("shape", "circle"), ("position", "circle", "left"), ("shape", "square")}
 
 
 TWO = Scene((SceneObject("circle", "red", "large", "left"), SceneObject("square", "blue", "small", "top")))

@@ -29,10 +29,13 @@ def fact_spans(text: str) -> list[tuple[Fact, int, int]]:
     Each shape word is a mentioned object, ``("shape", s)``; the run of colour/size words right
     before it gives ``("colour", s, c)`` / ``("size", s, z)``, and each position phrase right after
     it (``on the left``, ``at the top``, ``in the center``/``in the middle``...) gives
-    ``("position", s, p)``. Words outside this grammar state nothing.
+    ``("position", s, p)`` — as does a position phrase that opens the shape's noun phrase (``at the
+    top a red circle``), unless it closes the noun phrase before (then it is that shape's).
+    Words outside this grammar state nothing.
     """
     words = _words(text)
     found: list[tuple[Fact, int, int]] = []
+    after_shape: set[int] = set()  # where a phrase that closes a noun phrase starts
     for i, word in enumerate(words):
         if word not in SHAPES:
             continue
@@ -41,12 +44,20 @@ def fact_spans(text: str) -> list[tuple[Fact, int, int]]:
         while j >= 0 and words[j] in _PRE_ATTRIBUTE:
             found.append(((_PRE_ATTRIBUTE[words[j]], word, words[j]), j, j + 1))
             j -= 1
+        if j >= 0 and words[j] in ("a", "an"):
+            j -= 1
+        opening = next(((phrase, pos) for phrase, pos in _POST_PHRASES
+                        if j + 1 - len(phrase) >= 0 and tuple(words[j + 1 - len(phrase):j + 1]) == phrase
+                        and j + 1 - len(phrase) not in after_shape), None)
+        if opening is not None:
+            found.append((("position", word, opening[1]), j + 1 - len(opening[0]), j + 1))
         j = i + 1
         while True:
             match = next(((phrase, pos) for phrase, pos in _POST_PHRASES
                           if tuple(words[j:j + len(phrase)]) == phrase), None)
             if match is None:
                 break
+            after_shape.add(j)
             found.append((("position", word, match[1]), j, j + len(match[0])))
             j += len(match[0])
     return found
