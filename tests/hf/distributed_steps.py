@@ -60,10 +60,37 @@ def full_parameters(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor
             for name, p in inner.named_parameters()}
 
 
+def _mean_over_ranks(loss: torch.Tensor, distributed: bool, world: int) -> float:
+    loss = loss.detach().clone()
+    if distributed:
+        dist.all_reduce(loss)
+    return float(loss) / world
+
+
+def zero3_steps(model: torch.nn.Module, data: dict[str, torch.Tensor], rank: int, world: int, steps: int) -> list:
+    """DeepSpeed ZeRO-3 (on CPU) around the patched model: its weights, the head's included, partitioned."""
+    import deepspeed
+    config = {"train_micro_batch_size_per_gpu": ROWS // world, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+                                      config=config)
+    local = {key: value[rank::world] for key, value in data.items()}
+    losses = []
+    for _ in range(steps):
+        out = engine(**local)
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(_mean_over_ranks(out.loss, True, world))
+    return losses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["single", "fsdp", "fsdp_head", "fsdp_head_kept", "ddp"], required=True)
+    parser.add_argument("--mode", choices=["single", "fsdp", "fsdp_head", "fsdp_head_kept", "ddp", "zero3"],
+                        required=True)
     parser.add_argument("--untied", action="store_true", help="a head of its own, not the input embeddings")
+    parser.add_argument("--logits", action="store_true", help="patch with fused=False (the loss on the logits)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
@@ -78,22 +105,23 @@ def main() -> None:
         with torch.no_grad():
             logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
         result["smile_on_logits"] = float(seqloss.smile_loss(logits, data["labels"], shift=True))
-    seqloss.hf.patch(model, "smile", fused=True)
-    model = wrap(model, args.mode)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    local = {key: value[rank::world] for key, value in data.items()}
-    losses = []
-    for _ in range(args.steps):
-        optimizer.zero_grad(set_to_none=True)
-        out = model(**local)
-        assert out.logits is None  # the fused head made no logits
-        out.loss.backward()
-        optimizer.step()
-        loss = out.loss.detach().clone()
-        if distributed:
-            dist.all_reduce(loss)
-        losses.append(float(loss) / world)
-    parameters = full_parameters(model, args.mode)
+    seqloss.hf.patch(model, "smile", fused=not args.logits)
+    if args.mode == "zero3":
+        losses = zero3_steps(model, data, rank, world, args.steps)
+        parameters: dict[str, torch.Tensor] = {}
+    else:
+        model = wrap(model, args.mode)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        local = {key: value[rank::world] for key, value in data.items()}
+        losses = []
+        for _ in range(args.steps):
+            optimizer.zero_grad(set_to_none=True)
+            out = model(**local)
+            assert out.logits is None  # the fused head made no logits
+            out.loss.backward()
+            optimizer.step()
+            losses.append(_mean_over_ranks(out.loss, distributed, world))
+        parameters = full_parameters(model, args.mode)
     if rank == 0:
         torch.save({**result, "losses": losses, "parameters": parameters}, args.out)
     if distributed:

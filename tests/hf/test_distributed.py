@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(mode: str, out: Path, launcher: list[str], *flags: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def _run(mode: str, out: Path, launcher: list[str], *flags: str, env: Optional[dict] = None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     done = subprocess.run([*launcher, "-m", "tests.hf.distributed_steps", "--mode", mode, "--out", str(out), *flags],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -62,3 +63,29 @@ def test_fsdp2_with_the_head_a_unit_of_its_own_resharded_after_forward(single_un
 @pytest.mark.slow
 def test_fsdp2_with_the_head_a_unit_of_its_own_kept_after_forward(single_untied, tmp_path):
     _check_same_steps(single_untied, _run("fsdp_head_kept", tmp_path / "two.pt", _torchrun("29544"), "--untied"))
+
+
+@pytest.fixture(scope="module")
+def deepspeed_path(tmp_path_factory):
+    """DeepSpeed from the registry into a folder of its own (it builds against the installed torch;
+    its CUDA extras are not needed on CPU); skipped where the registry has none."""
+    target = tmp_path_factory.mktemp("deepspeed")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--target", str(target), "deepspeed", "hjson", "py-cpuinfo", "msgpack", "einops", "ninja"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "DS_BUILD_OPS": "0"})
+    if done.returncode != 0:
+        pytest.skip(f"deepspeed could not be installed here: {done.stderr[-300:]}")
+    return target
+
+
+def test_deepspeed_zero3_partitioning_the_head_takes_the_steps_of_the_loss_on_logits(single_untied, deepspeed_path,
+                                                                                    tmp_path):
+    # ZeRO-3 gathers the head's weight only inside its forward: the fused loss is computed there. Its
+    # steps are those of the same ZeRO-3 run with the loss on the logits (DeepSpeed's optimizer step
+    # is not torch's: from the second step on, both differ from one process by ~0.4%).
+    env = {"PYTHONPATH": os.pathsep.join([str(deepspeed_path), str(ROOT)])}
+    fused = _run("zero3", tmp_path / "fused.pt", _torchrun("29545"), "--untied", env=env)
+    logits = _run("zero3", tmp_path / "logits.pt", _torchrun("29546"), "--untied", "--logits", env=env)
+    assert fused["losses"] == pytest.approx(logits["losses"], rel=1e-5)
+    assert fused["losses"][0] == pytest.approx(single_untied["losses"][0], rel=1e-5)
+    assert fused["losses"][-1] < fused["losses"][0]

@@ -223,3 +223,23 @@ def vocab_and_context(case: Case, owners: tuple[int, ...]) -> dict[str, Any]:
     whole = grad_output(case, torch.empty(case.B, case.N) if case.reduction == "none" else loss)
     loss.backward(whole[:, positions] if case.reduction == "none" else whole)
     return {"loss": loss.detach(), "grad": part.grad, "positions": positions, "start": start, "stop": stop}
+
+
+def context_and_data(case: Case, owners: tuple[int, ...]) -> dict[str, Any]:
+    """A 2 × 2 mesh: rows split over "dp" (rank d takes rows d, d + 2, ...), positions over "cp"
+    (``owners``); one step's denominator counted over "dp" with ``num_items_in_batch``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    dp, cp = mesh["dp"].get_local_rank(), mesh["cp"].get_local_rank()
+    positions = [n for n, owner in enumerate(owners) if owner == cp]
+    logits, labels, options = inputs(case)
+    rows = list(range(dp, case.B, 2))
+    options = {k: v[rows] if isinstance(v, Tensor) and k == "include" else v for k, v in options.items()}
+    shift = case.common.get("shift", False)
+    count = seqloss.num_items_in_batch(labels[rows], shift=shift, group=mesh["dp"].get_group())
+    part = logits[rows][:, positions].clone().requires_grad_(True)
+    loss = seqloss.objective_loss(
+        part, labels[rows], objective_of(case.objective), **{**options, "num_items_in_batch": count},
+        context_parallel=seqloss.ContextParallel(torch.tensor(positions, dtype=torch.long), mesh["cp"].get_group()))
+    loss.backward()
+    return {"loss": loss.detach(), "grad": part.grad, "positions": positions, "rows": rows, "dp": dp, "cp": cp}

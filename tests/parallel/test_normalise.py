@@ -16,7 +16,7 @@ def test_it_counts_what_the_mean_divides_by():
     assert seqloss.num_items_in_batch(labels, shift=True) == 6  # the first label of each row has no position
     packed = torch.tensor([[0, 1, 2, 3, 0], [0, 1, 2, 3, 4]])
     assert seqloss.num_items_in_batch(labels, shift=True, position_ids=packed) == 5  # nor has an example's first
-    weights = torch.rand(2, 5)
+    weights = torch.rand(2, 5) / 8  # weight sums below 1 count as they are
     class_weight = torch.rand(6)
     logits = torch.randn(2, 5, 6)
     for kwargs in ({}, dict(token_weights=weights), dict(weight=class_weight), dict(token_weights=weights,
@@ -51,3 +51,9 @@ def test_two_ranks_with_two_micro_batches_take_the_one_process_step(objective):
     assert_close_fp32(sum(r["loss"] for r in results), truth)
     assert all(r["count"] == results[0]["count"] for r in results)
     assert_close_fp32(torch.cat([g for r in results for g in r["grads"]]), leaf.grad, "backward")
+
+
+def test_a_step_with_nothing_supervised_counts_one():
+    labels = torch.full((2, 4), IGNORE)
+    assert seqloss.num_items_in_batch(labels) == 1
+    assert seqloss.smile_loss(torch.randn(2, 4, 5), labels, num_items_in_batch=seqloss.num_items_in_batch(labels)) == 0

@@ -185,3 +185,15 @@ def _fsdp_weight_read_outside_its_forward(_: int) -> str:
 def test_a_weight_fsdp_shards_is_not_taken_for_a_vocabulary_shard(pool):
     for message in pool.run(_fsdp_weight_read_outside_its_forward, 0):
         assert "FSDP" in message and "differ" in message
+
+
+@pytest.mark.slow
+@settings(max_examples=10, deadline=None)
+@given(case=vocab_cases(ranks=4), as_dtensor=st.booleans())
+def test_the_fused_head_on_four_ranks(case, as_dtensor):
+    case = Case(**{**case.__dict__, "return_stats": False})
+    truth = cases.linear_expected(case)
+    for got in four_ranks().run(cases.linear_sharded, case, as_dtensor):
+        assert_close_fp32(got["loss"], truth["loss"], "forward")
+        assert_close_fp32(got["hidden"], truth["hidden"], "backward")
+        assert_close_fp32(got["weight"], truth["weight"][got["start"]:got["stop"]], "backward")

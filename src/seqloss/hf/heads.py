@@ -44,7 +44,7 @@ def linear_head(head: Any, where: str = "lm_head", in_own_call: bool = False) ->
     Raises ValueError naming ``where`` (e.g. ``"LlamaForCausalLM.lm_head"``) when the head is not
     something whose output the fused loss can reproduce exactly. Cheap: call it at every forward, so
     that an adapter added after ``patch`` is seen. ``in_own_call``: read from inside the head's own
-    call (an FSDP2 unit, whose hooks have gathered its weight), where its hooks are FSDP's.
+    call, where hooks have gathered its weight (an FSDP2 unit, a ZeRO-3 head), and its hooks are theirs.
     """
     _check_called_as_defined(head, where, in_own_call)
     if _is_plain_linear(head):
@@ -126,9 +126,11 @@ def _is_plain_linear(module: Any) -> bool:
             and type(module.weight) in plain and (module.bias is None or type(module.bias) in plain))
 
 
-def fsdp_unit(module: Any) -> bool:
-    """Whether ``module`` is a unit of its own under FSDP2 (``fully_shard``): its weight is whole only
-    inside its own call, where FSDP's hooks have gathered it."""
+def gathered_in_own_call(module: Any) -> bool:
+    """Whether ``module``'s weight is whole only inside its own call, where hooks gather it: a unit of
+    its own under FSDP2 (``fully_shard``), or a head whose weight DeepSpeed ZeRO-3 partitions."""
+    if hasattr(getattr(module, "weight", None), "ds_id"):
+        return True
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
@@ -136,8 +138,11 @@ def fsdp_unit(module: Any) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def _fsdp_hook(hook: Any) -> bool:
-    return type(getattr(hook, "__self__", None)).__name__ == "FSDPState"
+def _gathering_hook(hook: Any) -> bool:
+    """FSDP2's hooks (methods of its state) or DeepSpeed ZeRO-3's (functions of its modules)."""
+    if type(getattr(hook, "__self__", None)).__name__ == "FSDPState":
+        return True
+    return str(getattr(hook, "__module__", "")).startswith("deepspeed.")
 
 
 def _check_called_as_defined(module: Any, where: str, in_own_call: bool = False) -> None:
@@ -145,19 +150,16 @@ def _check_called_as_defined(module: Any, where: str, in_own_call: bool = False)
     call (but FSDP's own hooks, when the loss runs inside the call they gather the weight for)."""
     if in_own_call:
         own = [h for table in (module._forward_hooks, module._forward_pre_hooks) for h in table.values()]
-        if not all(_fsdp_hook(h) for h in own):
-            raise ValueError(f"fused=True cannot reproduce the LM head {where}: besides FSDP's, it has forward "
-                             f"hooks, which the fused loss would bypass; remove them or use fused=False")
+        if not all(_gathering_hook(h) for h in own):
+            raise ValueError(f"fused=True cannot reproduce the LM head {where}: besides the hooks that gather its "
+                             f"weight (FSDP's, ZeRO-3's), it has forward hooks, which the fused loss would bypass; "
+                             f"remove them or use fused=False")
         return
     if "forward" in getattr(module, "__dict__", {}):
         raise ValueError(f"fused=True cannot reproduce the LM head {where}: its forward is replaced on the "
                          f"instance (e.g. accelerate's device-map or offload hooks), which the fused loss would "
                          f"bypass; {_FIX}")
     hooks = getattr(module, "_forward_hooks", None), getattr(module, "_forward_pre_hooks", None)
-    if hasattr(getattr(module, "weight", None), "ds_id"):
-        raise ValueError(f"fused=True cannot read the LM head {where}: DeepSpeed ZeRO-3 partitions its weight and "
-                         f"gathers it only inside the head's forward, so the fused loss would read an empty weight; "
-                         f"use fused=False, or FSDP2 with the head a unit of its own (see the docs' Many GPUs page)")
     if any(hooks):
         raise ValueError(f"fused=True cannot reproduce the LM head {where}: it has forward hooks (e.g. "
                          f"weight normalisation, parameter gathering, peft's mixed-batch adapter_names), which "

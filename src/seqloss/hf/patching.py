@@ -28,7 +28,7 @@ from .families import (
     fused_loss_options,
     logits_uncapped,
 )
-from .heads import fsdp_unit, linear_head, peft_base_model
+from .heads import gathered_in_own_call, linear_head, peft_base_model
 
 _STATE = "_seqloss_patch"
 # Set by each family's convention or by the model call, never by the caller.
@@ -146,9 +146,9 @@ def _fused_causal_forward(model: Any, original_of: Callable, objective: Any, opt
             return original(*args, **kwargs)
         position_ids = kwargs.get("position_ids")
         head = model.get_output_embeddings()
-        # An FSDP2 unit of its own holds its weight whole only inside its own call: the loss is computed
-        # there (its hooks gather the weight, and see the loss's gradient flow back to reduce it).
-        in_own_call = fsdp_unit(head)
+        # An FSDP2 unit of its own, or a head ZeRO-3 partitions, holds its weight whole only inside its own
+        # call: the loss is computed there (the hooks gather the weight, and see its gradient flow back).
+        in_own_call = gathered_in_own_call(head)
         head_parts = None if in_own_call else linear_head(head, where)
         computed: list[Tensor] = []
 

@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
+import torch
 from torch import Tensor
 
 from .._validate import check_common, check_labels, place_tensors
@@ -44,6 +45,7 @@ def num_items_in_batch(labels: Batches, *, shift: bool = False, ignore_index: in
     A position counts as the losses count it: 1 where it has a target after ``shift`` (packed
     examples' ends from ``position_ids`` have none), times its label's class ``weight`` and its
     ``token_weights``. Ranks that share their data (a tensor-parallel group) must not be in ``group``.
+    A step whose weight sum is 0 counts 1 (as ``"mean"`` divides by 1 then): its losses are 0.
     """
     batches = [labels] if isinstance(labels, Tensor) else list(labels)
     if not batches:
@@ -63,4 +65,5 @@ def num_items_in_batch(labels: Batches, *, shift: bool = False, ignore_index: in
     assert total is not None
     if group is not None:
         collectives.sum_(total, group)
-    return total.float()
+    total = total.float()
+    return torch.where(total > 0, total, torch.ones_like(total))  # nothing supervised: losses 0, not NaN
