@@ -225,21 +225,32 @@ def vocab_and_context(case: Case, owners: tuple[int, ...]) -> dict[str, Any]:
     return {"loss": loss.detach(), "grad": part.grad, "positions": positions, "start": start, "stop": stop}
 
 
-def context_and_data(case: Case, owners: tuple[int, ...]) -> dict[str, Any]:
-    """A 2 × 2 mesh: rows split over "dp" (rank d takes rows d, d + 2, ...), positions over "cp"
-    (``owners``); one step's denominator counted over "dp" with ``num_items_in_batch``."""
+def with_data_parallel(case: Case, owners: tuple[int, ...], split: str) -> dict[str, Any]:
+    """A 2 × 2 mesh: rows split over "dp" (rank d takes rows d, d + 2, ...), and over the other
+    dimension the positions (``split="cp"``, by ``owners``) or the vocabulary (``split="tp"``, by
+    ``case.bounds``); one step's denominator counted over "dp" with ``num_items_in_batch``."""
     from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
-    dp, cp = mesh["dp"].get_local_rank(), mesh["cp"].get_local_rank()
-    positions = [n for n, owner in enumerate(owners) if owner == cp]
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", split))
+    dp, other = mesh["dp"].get_local_rank(), mesh[split].get_local_rank()
     logits, labels, options = inputs(case)
     rows = list(range(dp, case.B, 2))
-    options = {k: v[rows] if isinstance(v, Tensor) and k == "include" else v for k, v in options.items()}
-    shift = case.common.get("shift", False)
-    count = seqloss.num_items_in_batch(labels[rows], shift=shift, group=mesh["dp"].get_group())
-    part = logits[rows][:, positions].clone().requires_grad_(True)
-    loss = seqloss.objective_loss(
-        part, labels[rows], objective_of(case.objective), **{**options, "num_items_in_batch": count},
-        context_parallel=seqloss.ContextParallel(torch.tensor(positions, dtype=torch.long), mesh["cp"].get_group()))
+    per_row = ("include", "position_ids", "token_weights")   # tensors that come with the rows
+    options = {k: v[rows] if isinstance(v, Tensor) and k in per_row else v for k, v in options.items()}
+    count = seqloss.num_items_in_batch(labels[rows], shift=case.common.get("shift", False),
+                                       position_ids=options.get("position_ids"),
+                                       token_weights=options.get("token_weights"), weight=options.get("weight"),
+                                       group=mesh["dp"].get_group())
+    positions, columns = list(range(case.N)), slice(0, case.V)
+    if split == "cp":
+        positions = [n for n, owner in enumerate(owners) if owner == other]
+        extra = {"context_parallel": seqloss.ContextParallel(torch.tensor(positions, dtype=torch.long),
+                                                             mesh["cp"].get_group())}
+    else:
+        columns = slice(case.bounds[other], case.bounds[other + 1])
+        extra = {"vocab_parallel": seqloss.VocabParallel(columns.start, columns.stop, case.V, mesh["tp"].get_group())}
+    part = logits[rows][:, positions][..., columns].clone().requires_grad_(True)
+    loss = seqloss.objective_loss(part, labels[rows], objective_of(case.objective),
+                                  **{**options, "num_items_in_batch": count}, **extra)
     loss.backward()
-    return {"loss": loss.detach(), "grad": part.grad, "positions": positions, "rows": rows, "dp": dp, "cp": cp}
+    return {"loss": loss.detach(), "grad": part.grad, "positions": positions, "rows": rows, "columns": columns,
+            "first": other == 0}

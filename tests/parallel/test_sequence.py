@@ -125,19 +125,18 @@ def test_parallel_calls_run_inside_a_compiled_function(pool):
 
 
 @pytest.mark.slow
-@settings(max_examples=15, deadline=None)
-@given(case=vocab_cases(), data=st.data())
-def test_data_parallel_ranks_each_splitting_their_sequences(case, data):
+@settings(max_examples=20, deadline=None)
+@given(case=vocab_cases(), data=st.data(), split=st.sampled_from(["cp", "tp"]))
+def test_data_parallel_ranks_each_splitting_their_sequences_or_their_vocabulary(case, data, split):
     from tests.parallel.test_vocab_logits import four_ranks
-    # plain options only: the rows of per-position tensors would be split with the batch; random_subset's
-    # draws depend on the rows a call gets (like dropout's under data parallelism)
+    # random_subset's draws depend on the rows a call gets (like dropout's under data parallelism)
     assume(case.objective != "random_subset")
-    case = cases.Case(B=2 * max(1, case.B // 2), N=case.N, V=case.V, bounds=(0, case.V), objective=case.objective,
-                      seed=case.seed, reduction="mean", common={k: v for k, v in case.common.items()
-                                                                if k != "num_items_in_batch"})
+    case = cases.Case(**{**case.__dict__, "B": 2 * max(1, case.B // 2), "reduction": "mean", "return_stats": False,
+                         "common": {k: v for k, v in case.common.items() if k != "num_items_in_batch"}})
     owners = tuple(data.draw(st.lists(st.integers(0, 1), min_size=case.N, max_size=case.N)))
     truth = cases.expected(case)
-    results = four_ranks().run(cases.context_and_data, case, owners)
-    assert_close_fp32(sum(r["loss"] for r in results if r["cp"] == 0), truth["loss"], "forward")
+    results = four_ranks().run(cases.with_data_parallel, case, owners, split)
+    assert_close_fp32(sum(r["loss"] for r in results if r["first"]), truth["loss"], "forward")
     for got in results:
-        assert_close_fp32(got["grad"], truth["grad"][got["rows"]][:, got["positions"]], "backward")
+        expected = truth["grad"][got["rows"]][:, got["positions"]][..., got["columns"]]
+        assert_close_fp32(got["grad"], expected, "backward")
