@@ -18,7 +18,7 @@ FLOORS = [
     {"seqloss._lazy", "seqloss.reference", "seqloss._buffers", "seqloss.sampling", "seqloss.parallel",
      "seqloss.parallel.collectives"},
     {"seqloss.call"},  # the call's data model, below the validator and the plan alike
-    {"seqloss.support", "seqloss.token_math", "seqloss._validate_parallel"},
+    {"seqloss.support", "seqloss.token_math", "seqloss._validate_parallel", "seqloss._validate_values"},
     {"seqloss._validate"},
     {"seqloss.plan", "seqloss._validate_sampled", "seqloss.stats", "seqloss.parallel.sequence"},
     {"seqloss.torch_logits", "seqloss.torch_linear", "seqloss.kernels", "seqloss.kernels.engine",

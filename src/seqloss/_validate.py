@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from ._validate_parallel import check_context_parallel, local, local_labels, shard_of
-from .call import Call, Common, CommonOptions, ContextParallel, Member, SoftmaxOptions, VocabParallel
+from ._validate_parallel import check_context_parallel, check_kind, local, local_labels, shard_of
+from ._validate_values import check_num_items, check_softmax, is_int, is_real, tracing
+from .call import Call, Common, CommonOptions, Member
 from .support import OBJECTIVES
 
 REDUCTIONS = ("mean", "sum", "none", "sequence")
@@ -34,19 +34,6 @@ IMPLS = ("auto", "reference", "torch", "triton")
 # The common keywords, as the validator takes them: the typed ones, class weights (the logits functions
 # pass their weight= as class_weight) and return_stats.
 COMMON_KEYS = (*CommonOptions.__annotations__, "class_weight", "return_stats")
-
-
-def tracing() -> bool:
-    """True while torch.compile traces: data-dependent checks are skipped (see the module docstring)."""
-    return torch.compiler.is_compiling()
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 # --- the three entries ---------------------------------------------------------------------------
@@ -119,55 +106,13 @@ def check_common(options: Mapping[str, Any]) -> Common:
     for name in ("position_ids", "class_weight", "token_weights"):
         if o.get(name) is not None and not isinstance(o[name], Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(o[name]).__name__}")
-    softmax = check_softmax(o.get("label_smoothing", 0.0), o.get("z_loss", 0.0), o.get("softcap"))
-    for name, kind in (("vocab_parallel", VocabParallel), ("context_parallel", ContextParallel)):
-        if o.get(name) is not None and not isinstance(o[name], kind):
-            raise TypeError(f"{name} must be a seqloss.{kind.__name__} or None, got {type(o[name]).__name__}")
-    if o.get("class_weight") is not None and softmax.label_smoothing > 0:
-        raise ValueError("class weights with label_smoothing > 0 are not supported (torch weights the "
-                         "smoothing term per class, over the whole vocabulary, which subsets do not have)")
+    softmax = check_softmax(o, weighted=o.get("class_weight") is not None)
+    check_kind(o)
     return Common(shift=shift, ignore_index=int(ignore_index), reduction=reduction,
                   num_items_in_batch=check_num_items(o.get("num_items_in_batch")), impl=impl,
                   position_ids=o.get("position_ids"), turns=turns, class_weight=o.get("class_weight"),
                   token_weights=o.get("token_weights"), return_stats=return_stats, softmax=softmax,
                   vocab_parallel=o.get("vocab_parallel"), context_parallel=o.get("context_parallel"))
-
-
-def check_softmax(label_smoothing: Any, z_loss: Any, softcap: Any) -> SoftmaxOptions:
-    if not is_real(label_smoothing):
-        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    if not 0.0 <= float(label_smoothing) < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if not is_real(z_loss):
-        raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
-    if not (math.isfinite(z_loss) and z_loss >= 0):
-        raise ValueError(f"z_loss must be a finite coefficient >= 0, got {z_loss}")
-    if softcap is not None:
-        if not is_real(softcap):
-            raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
-        if not (math.isfinite(softcap) and softcap > 0):
-            raise ValueError(f"softcap must be a positive finite number, got {softcap}")
-    return SoftmaxOptions(float(label_smoothing), float(z_loss), 0.0 if softcap is None else float(softcap))
-
-
-def check_num_items(k: Any) -> Any:
-    if k is None:
-        return None
-    if isinstance(k, Tensor):
-        if k.numel() != 1:
-            raise ValueError("num_items_in_batch must be a single positive number")
-        if tracing():
-            return k
-        if k.is_floating_point() and not torch.isfinite(k).all():
-            raise ValueError("num_items_in_batch must be a single positive number")
-        value = k.item()
-    elif is_real(k):
-        value = k
-    else:
-        raise TypeError(f"num_items_in_batch must be an int or a tensor, got {type(k).__name__}")
-    if not value > 0:
-        raise ValueError(f"num_items_in_batch must be > 0, got {value}")
-    return k
 
 
 def place_tensors(c: Common, flat: torch.Size, labels_shape: tuple[int, ...], vocab: int,

@@ -11,6 +11,7 @@ sequence the scores hold; its labels (and per-position options) are whole.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -58,15 +59,31 @@ def dtensor_shard(x: Any, dim: int, name: str) -> Optional[VocabParallel]:
     return shard
 
 
-def check_vocab_parallel(value: Any, local_vocab: int, name: str) -> Optional[VocabParallel]:
-    """The ``vocab_parallel`` keyword against the local scores' vocabulary size ``local_vocab``."""
+KINDS = {"vocab_parallel": VocabParallel, "context_parallel": ContextParallel}
+
+
+def check_kind(options: Mapping[str, Any]) -> None:
+    """``vocab_parallel`` and ``context_parallel``, where given, are of their types."""
+    for name, kind in KINDS.items():
+        if options.get(name) is not None and not isinstance(options[name], kind):
+            raise TypeError(f"{name} must be a seqloss.{kind.__name__} or None, got {type(options[name]).__name__}")
+
+
+def _given(value: Any, name: str) -> bool:
+    """Whether the keyword ``name`` is set: then of its type, with torch.distributed initialised."""
     if value is None:
-        return None
-    if not isinstance(value, VocabParallel):
-        raise TypeError(f"vocab_parallel must be a seqloss.VocabParallel or None, got {type(value).__name__}")
+        return False
+    check_kind({name: value})
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("vocab_parallel needs torch.distributed initialised (init_process_group) on every rank")
+        raise ValueError(f"{name} needs torch.distributed initialised (init_process_group) on every rank")
+    return True
+
+
+def check_vocab_parallel(value: Any, local_vocab: int, name: str) -> Optional[VocabParallel]:
+    """The ``vocab_parallel`` keyword against the local scores' vocabulary size ``local_vocab``."""
+    if not _given(value, "vocab_parallel"):
+        return None
     for field in ("start", "stop", "vocab_size"):
         if not isinstance(getattr(value, field), int):
             raise TypeError(f"vocab_parallel.{field} must be an int, got {type(getattr(value, field)).__name__}")
@@ -98,21 +115,16 @@ def local_labels(labels: Any) -> Any:
         return labels
     from torch.distributed.tensor import Shard
     if any(isinstance(p, Shard) and p.dim % labels.dim() == labels.dim() - 1 for p in labels.placements):
-        raise ValueError("labels are sharded along the sequence (context parallelism), which seqloss does not take "
-                         "yet; pass every rank the whole sequence's labels")
+        raise ValueError("labels are sharded along the sequence: under context parallelism pass every rank the "
+                         "whole sequence's labels, and context_parallel= the positions its scores hold")
     return labels.to_local()
 
 
 def check_context_parallel(value: Any, labels: Any, local_positions: int, name: str) -> Optional[ContextParallel]:
     """The ``context_parallel`` keyword against whole labels (..., N) and scores holding
     ``local_positions`` positions → its positions as a long tensor on the labels' device."""
-    if value is None:
+    if not _given(value, "context_parallel"):
         return None
-    if not isinstance(value, ContextParallel):
-        raise TypeError(f"context_parallel must be a seqloss.ContextParallel or None, got {type(value).__name__}")
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("context_parallel needs torch.distributed initialised (init_process_group) on every rank")
     positions = value.positions
     if not isinstance(positions, Tensor) or positions.dim() != 1 or positions.is_floating_point():
         raise TypeError("context_parallel.positions must be a 1-D integer tensor (this rank's positions)")

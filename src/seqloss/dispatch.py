@@ -159,27 +159,37 @@ def sampled_loss(hidden: Tensor, weight: Tensor, call: SampledCall) -> Tensor:
 
 def reduce(out: Tensor, call: Union[Call, SampledCall]) -> Tensor:
     """A runner's loss → the caller's shape: a scalar as it is, (..., N) for "none", (...) for
-    "sequence" — or, with ``position_ids``, (E,): one sum per packed example, in row-major order."""
+    "sequence" — or, with ``position_ids``, (E,): one sum per packed example, in row-major order.
+    Under context parallelism ``out`` holds this rank's positions: "none" returns them, and the
+    others are this rank's part of the sums (``finish`` adds the parts over the group)."""
     reduction = call.common.reduction
+    context = call.common.context_parallel if isinstance(call, Call) else None
     if reduction == "none":
-        return out.reshape(*call.lead, call.N)
+        return out.reshape(*call.lead, out.shape[-1])
     if reduction != "sequence":
         return out
     position_ids = call.common.position_ids
     if position_ids is None:
         return out.sum(-1).reshape(call.lead)
-    starts = example_starts(position_ids).reshape(-1)
-    example = starts.long().cumsum(0) - 1
-    return out.new_zeros(int(starts.sum())).index_add(0, example, out.reshape(-1))
+    starts = example_starts(position_ids)
+    example = (starts.reshape(-1).long().cumsum(0) - 1).view_as(starts)
+    if context is not None:
+        example = example[:, context.positions]
+    return out.new_zeros(int(starts.sum())).index_add(0, example.reshape(-1), out.reshape(-1))
 
 
 def finish(result: Result, call: Union[Call, SampledCall]) -> Union[Tensor, LossStats]:
     """The final reduction, and when statistics are asked for the ``LossStats`` of the same pass."""
-    split = isinstance(call, Call) and call.common.context_parallel is not None
-    reduced = sequence.reduce if split else reduce
-    loss = reduced(result.loss, call)  # type: ignore[arg-type]
+    loss = _whole(reduce(result.loss, call), call)
     if not call.common.return_stats:
         return loss
     assert isinstance(call, Call)
-    z_part = reduced(result.z_part, call).detach()
-    return loss_stats(loss, z_part, result.predicted, call)
+    return loss_stats(loss, _whole(reduce(result.z_part, call), call).detach(), result.predicted, call)
+
+
+def _whole(out: Tensor, call: Union[Call, SampledCall]) -> Tensor:
+    """Under context parallelism, a reduced output summed over the group (but "none", per position)."""
+    context = call.common.context_parallel if isinstance(call, Call) else None
+    if context is None or call.common.reduction == "none":
+        return out
+    return sequence.sum_over_group(out, context.group)

@@ -160,9 +160,13 @@ def test_four_ranks(case):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=vocab_cases(), as_dtensor=st.booleans())
 def test_the_fused_head_with_a_vocabulary_sharded_weight(pool, case, as_dtensor):
+    check_head(pool, case, as_dtensor)
+
+
+def check_head(workers: Pool, case: Case, as_dtensor: bool) -> None:
     case = Case(**{**case.__dict__, "return_stats": False})
     truth = cases.linear_expected(case)
-    for got in pool.run(cases.linear_sharded, case, as_dtensor):
+    for got in workers.run(cases.linear_sharded, case, as_dtensor):
         assert_close_fp32(got["loss"], truth["loss"], "forward")
         assert_close_fp32(got["hidden"], truth["hidden"], "backward")  # summed over the group
         assert_close_fp32(got["weight"], truth["weight"][got["start"]:got["stop"]], "backward")
@@ -191,9 +195,4 @@ def test_a_weight_fsdp_shards_is_not_taken_for_a_vocabulary_shard(pool):
 @settings(max_examples=10, deadline=None)
 @given(case=vocab_cases(ranks=4), as_dtensor=st.booleans())
 def test_the_fused_head_on_four_ranks(case, as_dtensor):
-    case = Case(**{**case.__dict__, "return_stats": False})
-    truth = cases.linear_expected(case)
-    for got in four_ranks().run(cases.linear_sharded, case, as_dtensor):
-        assert_close_fp32(got["loss"], truth["loss"], "forward")
-        assert_close_fp32(got["hidden"], truth["hidden"], "backward")
-        assert_close_fp32(got["weight"], truth["weight"][got["start"]:got["stop"]], "backward")
+    check_head(four_ranks(), case, as_dtensor)

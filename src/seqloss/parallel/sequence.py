@@ -3,8 +3,8 @@
 Every rank builds the plan from the whole labels (so SMILE's and reverse subsetting's row sets, the
 first supervised position, packed examples, turns and the ``"mean"`` denominator are the whole
 sequences'), and scores only its positions (``Plan.at``) with the ordinary engines. What is left
-is the reduction over the group: one all-reduce of the scalar loss (or of the per-row or
-per-example sums for ``"sequence"``); ``"none"`` returns this rank's positions as they are. The
+is the sum over the group (``dispatch.finish``): one all-reduce of the scalar loss (or of the
+per-row or per-example sums for ``"sequence"``); ``"none"`` returns this rank's positions as they are. The
 all-reduce passes the gradient straight through, so each rank's gradient is its positions' part
 of the whole gradient.
 """
@@ -15,8 +15,6 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..call import Call
-from ..support import example_starts
 from . import collectives
 
 
@@ -34,19 +32,6 @@ class SumOverGroup(torch.autograd.Function):
 
 
 @collectives.eager
-def reduce(out: Tensor, call: Call) -> Tensor:
-    """This rank's loss (a scalar, or (B, N_local) weighted per position) → the caller's output."""
-    context = call.common.context_parallel
-    assert context is not None
-    reduction = call.common.reduction
-    if reduction == "none":
-        return out.reshape(*call.lead, context.positions.numel())
-    if reduction != "sequence":
-        return SumOverGroup.apply(out, context.group)
-    position_ids = call.common.position_ids
-    if position_ids is None:
-        return SumOverGroup.apply(out.sum(-1), context.group).reshape(call.lead)
-    starts = example_starts(position_ids)                               # whole (B, N)
-    example = (starts.reshape(-1).long().cumsum(0) - 1).view_as(starts)[:, context.positions]
-    sums = out.new_zeros(int(starts.sum())).index_add(0, example.reshape(-1), out.reshape(-1))
-    return SumOverGroup.apply(sums, context.group)
+def sum_over_group(x: Tensor, group: Any) -> Tensor:
+    """Every rank's part summed over ``group``; the gradient passes through to each part."""
+    return SumOverGroup.apply(x, group)
