@@ -169,6 +169,29 @@ def test_auto_matches_reference():
         assert_close_fp32(auto[1], ref[1], "backward")
 
 
+@pytest.mark.parametrize("fused, device, installed, expected", [
+    (True, "cuda", True, "triton"),   # the fused head on a GPU: the kernels
+    (False, "cuda", True, "torch"),   # the logits path: not yet timed against the torch engine on a GPU
+    (True, "cuda", False, "torch"),   # no Triton
+    (True, "cpu", True, "torch"),
+])
+def test_auto_picks_the_kernels_for_the_fused_head_on_cuda(monkeypatch, fused, device, installed, expected):
+    monkeypatch.setattr(seqloss.dispatch.kernels, "unavailable_reason", lambda d: None if installed else "no Triton")
+    assert seqloss.dispatch.resolve_impl("auto", torch.device(device), fused=fused) == expected
+    assert seqloss.dispatch.resolve_impl("auto", torch.device(device), sharded=True, fused=fused) == "vocab_parallel"
+
+
+def test_exact_accumulation_is_a_fused_head_bool():
+    hidden, weight = torch.randn(1, 3, 4), torch.randn(5, 4)
+    labels = torch.tensor([[1, 2, 3]])
+    exact = seqloss.linear_loss(hidden, weight, labels, exact_accumulation=True)
+    assert_close_fp32(exact, seqloss.linear_loss(hidden, weight, labels))  # the torch engine: fp32 either way
+    with pytest.raises(TypeError, match="exact_accumulation must be a bool"):
+        seqloss.linear_loss(hidden, weight, labels, exact_accumulation=1)
+    with pytest.raises(TypeError, match="exact_accumulation is an option of the fused head"):
+        seqloss.cross_entropy(torch.randn(1, 3, 5), labels, exact_accumulation=True)
+
+
 @pytest.mark.parametrize("impl", ["torch", "reference"])
 def test_num_items_in_batch_divides_the_sum(impl):
     B, N, V = 3, 6, 37

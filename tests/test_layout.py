@@ -21,6 +21,7 @@ FLOORS = [
     {"seqloss.support", "seqloss.token_math", "seqloss._validate_parallel", "seqloss._validate_values"},
     {"seqloss._validate"},
     {"seqloss.plan", "seqloss._validate_sampled", "seqloss.stats", "seqloss.parallel.sequence"},
+    {"seqloss.grouped"},  # the fused engines' shared list part
     {"seqloss.torch_logits", "seqloss.torch_linear", "seqloss.kernels", "seqloss.kernels.engine",
      "seqloss.kernels.parts", "seqloss.kernels.support_ce", "seqloss.torch_sampled", "seqloss.parallel.vocab_logits"},
     {"seqloss.autograd"},

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import seqloss
 import seqloss.autograd
+import seqloss.grouped
 import seqloss.torch_linear
 from tests.conftest import (
     IGNORE,
@@ -170,8 +171,10 @@ def small_chunks(monkeypatch):
     """Chunks of 2 positions in the full-vocabulary pass, blocks of 1 group in the list pass; counts them."""
     calls = {"full_support": 0, "candidate_support": 0}
 
+    homes = {"full_support": seqloss.torch_linear, "candidate_support": seqloss.grouped}
+
     def counted(name):
-        inner = getattr(seqloss.torch_linear, name)
+        inner = getattr(homes[name], name)
 
         def wrapper(*args, **kwargs):
             calls[name] += 1
@@ -180,9 +183,9 @@ def small_chunks(monkeypatch):
 
     monkeypatch.setattr(seqloss.torch_linear, "MIN_CHUNK_POSITIONS", 1)
     monkeypatch.setattr(seqloss.torch_linear, "FUSED_CHUNK_ELEMENTS", 2 * V)
-    monkeypatch.setattr(seqloss.torch_linear, "LIST_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(seqloss.grouped, "LIST_BLOCK_ELEMENTS", 1)
     for name in calls:
-        monkeypatch.setattr(seqloss.torch_linear, name, counted(name))
+        monkeypatch.setattr(homes[name], name, counted(name))
     return calls
 
 
@@ -394,15 +397,15 @@ def test_packed_list_parts_pad_each_block_to_its_own_longest_sequence(monkeypatc
     hidden = torch.randn(1, total, h_size, generator=generator(2), requires_grad=True)
     weight = torch.randn(v_size, h_size, generator=generator(3), requires_grad=True)
     gathered: list[tuple[int, ...]] = []
-    groups = seqloss.torch_linear._groups
+    groups = seqloss.grouped.groups
 
     def spy(*args):
         ids, slots, rows = groups(*args)
         gathered.append(tuple(slots.shape))
         return ids, slots, rows
 
-    monkeypatch.setattr(seqloss.torch_linear, "_groups", spy)
-    monkeypatch.setattr(seqloss.torch_linear, "LIST_BLOCK_ELEMENTS", (v_size + 4) * h_size)  # blocks of ≤ 1 long group
+    monkeypatch.setattr(seqloss.grouped, "groups", spy)
+    monkeypatch.setattr(seqloss.grouped, "LIST_BLOCK_ELEMENTS", (v_size + 4) * h_size)  # blocks of ≤ 1 long group
     packed = seqloss.linear_loss(hidden, weight, labels, objective="smile", shift=True, position_ids=position_ids,
                                  reduction="sum", impl="torch")
     # SMILE's list part holds each example's targets after its first (that one is full-vocabulary MLE):

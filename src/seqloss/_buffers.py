@@ -163,9 +163,11 @@ def kept_workspace_bytes() -> int:
 
 @dataclass
 class Grads:
-    """The fused head's fp32 accumulators of the three gradients (None where none is wanted).
+    """The fused head's accumulators of the three gradients (None where none is wanted).
 
-    The weight gradient (V × H, the largest) is allocated by its first update, from ``zeros``.
+    ``dtype`` is the hidden and weight accumulators' (fp32 by default; the Triton engine accumulates
+    in bf16/fp16 unless asked for exact accumulation); the bias accumulates in fp32. The weight
+    gradient (V × H, the largest) is allocated by its first update, from ``zeros``.
     """
 
     hidden: Optional[Tensor]
@@ -173,20 +175,20 @@ class Grads:
     want_weight: bool
     shape: tuple[int, int]
     weight: Optional[Tensor] = None
+    dtype: torch.dtype = torch.float32
 
     @classmethod
     def allocate(cls, positions: int, width: int, vocab_size: int, device: torch.device, want: bool,
-                 need: tuple[bool, bool, bool]) -> Grads:
+                 need: tuple[bool, bool, bool], dtype: torch.dtype = torch.float32) -> Grads:
         """Zeroed accumulators for the gradients ``need`` asks for (hidden, weight, bias), if ``want``."""
-        f32 = torch.float32
-        return cls(zeros((positions, width), f32, device) if want and need[0] else None,
-                   zeros((vocab_size,), f32, device) if want and need[2] else None, want and need[1],
-                   (vocab_size, width))
+        return cls(zeros((positions, width), dtype, device) if want and need[0] else None,
+                   zeros((vocab_size,), torch.float32, device) if want and need[2] else None, want and need[1],
+                   (vocab_size, width), dtype=dtype)
 
     def weight_buffer(self, device: torch.device) -> Tensor:
         """The weight gradient, allocated (zeroed) on first use, from a reused ``workspace``."""
         if self.weight is None:
-            self.weight, is_zero = workspace(self.shape, torch.float32, device)
+            self.weight, is_zero = workspace(self.shape, self.dtype, device)
             if not is_zero:
                 self.weight.zero_()
         return self.weight
@@ -194,8 +196,7 @@ class Grads:
     def add_dense(self, idx: Tensor, z: Tensor, h: Tensor, weight: Tensor) -> None:
         """Gradients from full rows: positions ``idx`` (C,), z (C, V) fp32 = dloss/dlogits, h (C, H)."""
         g = z.to(weight.dtype)
-        if self.hidden is not None:
-            self.hidden.index_add_(0, idx, (g @ weight).float())
+        self.add_hidden_rows(idx, g @ weight)
         if self.want_weight:
             # A first update writes every entry: it overwrites a reused workspace instead of zeroing it.
             first = self.weight is None
@@ -211,8 +212,14 @@ class Grads:
             self.bias.add_(z.sum(0))
 
     def add_weight_rows(self, index: Tensor, rows: Tensor) -> None:
-        """weight[index] += rows (fp32), repeated indices accumulating."""
-        self.weight_buffer(rows.device).index_add_(0, index, rows)
+        """weight[index] += rows, repeated indices accumulating."""
+        buffer = self.weight_buffer(rows.device)
+        buffer.index_add_(0, index, rows.to(buffer.dtype))
+
+    def add_hidden_rows(self, index: Tensor, rows: Tensor) -> None:
+        """hidden[index] += rows."""
+        if self.hidden is not None:
+            self.hidden.index_add_(0, index, rows.to(self.hidden.dtype))
 
     def results(self, inputs: Sequence[Optional[Tensor]]) -> GradTriple:
         """The (hidden, weight, bias) gradients, each in its input's dtype and shape (None where not

@@ -32,8 +32,8 @@ from .support import OBJECTIVES
 REDUCTIONS = ("mean", "sum", "none", "sequence")
 IMPLS = ("auto", "reference", "torch", "triton")
 # The common keywords, as the validator takes them: the typed ones, class weights (the logits functions
-# pass their weight= as class_weight) and return_stats.
-COMMON_KEYS = (*CommonOptions.__annotations__, "class_weight", "return_stats")
+# pass their weight= as class_weight), return_stats and the fused head's exact_accumulation.
+COMMON_KEYS = (*CommonOptions.__annotations__, "class_weight", "return_stats", "exact_accumulation")
 
 
 # --- the three entries ---------------------------------------------------------------------------
@@ -52,6 +52,9 @@ def check_options(objective: Any, options: Mapping[str, Any], vocab_size: Option
 def check_logits_call(objective: Any, options: Mapping[str, Any], logits: Any, labels: Any) -> Call:
     """A call on logits (..., N, V) with labels (..., N); on a vocabulary shard (a DTensor or the
     ``vocab_parallel`` keyword), logits (..., N, V / ranks) and the whole vocabulary's labels."""
+    if "exact_accumulation" in options:
+        raise TypeError("exact_accumulation is an option of the fused head (linear_loss and its kin): "
+                        "the logits functions accumulate nothing")
     logits, shard = shard_of(logits, -1, "logits", options.get("vocab_parallel"))
     check_scores(logits, "logits", "V", empty_ok=shard is not None)
     vocab = logits.shape[-1] if shard is None else shard.vocab_size
@@ -92,7 +95,9 @@ def check_common(options: Mapping[str, Any]) -> Common:
     """The common keywords → ``Common`` (tensors still as given: see ``place_tensors``)."""
     o = dict(options)
     shift, turns, return_stats = o.get("shift", False), o.get("turns", False), o.get("return_stats", False)
-    for name, value in (("shift", shift), ("turns", turns), ("return_stats", return_stats)):
+    exact = o.get("exact_accumulation", False)
+    for name, value in (("shift", shift), ("turns", turns), ("return_stats", return_stats),
+                        ("exact_accumulation", exact)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     ignore_index = o.get("ignore_index", -100)
@@ -112,7 +117,8 @@ def check_common(options: Mapping[str, Any]) -> Common:
                   num_items_in_batch=check_num_items(o.get("num_items_in_batch")), impl=impl,
                   position_ids=o.get("position_ids"), turns=turns, class_weight=o.get("class_weight"),
                   token_weights=o.get("token_weights"), return_stats=return_stats, softmax=softmax,
-                  vocab_parallel=o.get("vocab_parallel"), context_parallel=o.get("context_parallel"))
+                  vocab_parallel=o.get("vocab_parallel"), context_parallel=o.get("context_parallel"),
+                  exact_accumulation=exact)
 
 
 def place_tensors(c: Common, flat: torch.Size, labels_shape: tuple[int, ...], vocab: int,

@@ -38,7 +38,8 @@ class BaseOptions(TypedDict, total=False):
       to 0 — not traceable by ``torch.compile``, its length being data).
     * ``num_items_in_batch=None`` — Hugging Face's gradient-accumulation denominator of ``"mean"``.
     * ``impl="auto"`` — ``"reference"`` (dense spec), ``"torch"`` (efficient, any device), ``"triton"``
-      (GPU kernels; CPU tensors only under ``TRITON_INTERPRET=1``), ``"auto"`` (``"torch"`` for now).
+      (GPU kernels; CPU tensors only under ``TRITON_INTERPRET=1``), ``"auto"`` (``"triton"`` for the
+      fused head on CUDA tensors with Triton installed, else ``"torch"``).
     * ``position_ids=None`` — (..., N), Hugging Face's padding-free convention
       (``DataCollatorWithFlattening``, TRL's ``packing``/``padding_free``): a packed example starts
       wherever the positions do not count on from the previous one (a restart at 0). Each example is
@@ -125,9 +126,14 @@ class ObjectiveOptions(LogitsOptions, MemberOptions, total=False):
 
 class LinearOptions(CommonOptions, MemberOptions, total=False):
     """The keywords of ``seqloss.linear_loss``: its ``weight`` is the head, so class weights are
-    ``class_weight=``."""
+    ``class_weight=``; and ``exact_accumulation=False``: with bf16/fp16 inputs the Triton engine
+    accumulates the hidden and weight gradients in that dtype, each tile's fp32 sum rounded as it
+    is added (Cut Cross-Entropy's default: no fp32 buffer of the head's size); ``True`` accumulates
+    in fp32 and rounds once, at the cost of an fp32 buffer of each gradient (3× the bf16 weight
+    gradient's memory while it lives) and a cast. The torch engine always accumulates in fp32."""
 
     class_weight: Optional[Tensor]
+    exact_accumulation: bool
 
 
 @dataclass(frozen=True)
@@ -204,12 +210,13 @@ class Common:
     softmax: SoftmaxOptions = SoftmaxOptions()
     vocab_parallel: Optional[VocabParallel] = None
     context_parallel: Optional[ContextParallel] = None
+    exact_accumulation: bool = False
 
     def keywords(self) -> dict[str, Any]:
         """Every option as the keyword it came as (the dense spec takes them so), but the shard (the
-        spec scores whole logits)."""
+        spec scores whole logits) and how engines accumulate (the spec has one way)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in ("softmax", "vocab_parallel", "context_parallel")}
+               if f.name not in ("softmax", "vocab_parallel", "context_parallel", "exact_accumulation")}
         return {**out, **self.softmax._asdict()}
 
 

@@ -95,16 +95,18 @@ TABLE: dict[tuple[str, str], Callable[..., Result]] = {
 }
 
 
-def resolve_impl(impl: str, device: torch.device, sharded: bool = False, split: bool = False) -> str:
+def resolve_impl(impl: str, device: torch.device, sharded: bool = False, split: bool = False,
+                 fused: bool = False) -> str:
     """``"auto"`` → a concrete impl; a named impl that cannot run here raises. On a vocabulary
     shard, ``"auto"`` and ``"torch"`` are ``"vocab_parallel"`` (the only engine that combines shards).
     On a sequence ``split`` over a context-parallel group, the dense spec cannot run (it scores whole
     sequences); every engine can.
 
-    ``"auto"`` is ``"torch"``: nothing picks the Triton kernels unless asked for by name. They are
-    verified against the dense spec (interpreter, sm_90 compile, an H200) and timed once on an H200
-    (benchmarks/RESULTS.md), where for MLE they still trail Cut Cross-Entropy; choosing them for
-    "auto" on CUDA waits for that gap and a second timing.
+    ``"auto"`` is ``"triton"`` for the ``fused`` head on CUDA tensors where Triton is installed:
+    there its kernels are verified against the dense spec and faster than the torch engine (2.7× at
+    Llama-3's head on an H200, benchmarks/RESULTS.md; list supports run the same grouped products in
+    both). Everywhere else — CPU, and the logits path, whose Triton kernels are not yet timed against
+    the torch engine on a GPU — it is ``"torch"``.
     """
     if split and impl == "reference":
         raise ValueError("impl='reference' cannot run on a part of each sequence (context_parallel): it scores "
@@ -118,7 +120,9 @@ def resolve_impl(impl: str, device: torch.device, sharded: bool = False, split: 
         reason: Optional[str] = kernels.unavailable_reason(device)
         if reason is not None:
             raise ValueError(f"impl='triton' cannot run: {reason}; use impl='torch' or impl='auto'")
-    return "torch" if impl == "auto" else impl
+    if impl == "auto":
+        return "triton" if fused and device.type == "cuda" and kernels.unavailable_reason(device) is None else "torch"
+    return impl
 
 
 def logits_loss(logits: Tensor, call: Call) -> Union[Tensor, LossStats]:
@@ -135,7 +139,8 @@ def linear_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], call: Ca
     """hidden (..., N, H) and the head of a validated call → the loss (or LossStats)."""
     hidden, weight, bias = local(hidden), local(weight), local(bias)
     c = call.common
-    impl = resolve_impl(c.impl, hidden.device, c.vocab_parallel is not None, c.context_parallel is not None)
+    impl = resolve_impl(c.impl, hidden.device, c.vocab_parallel is not None, c.context_parallel is not None,
+                        fused=True)
     N = call.N if c.context_parallel is None else c.context_parallel.positions.numel()
     result = TABLE["linear", impl]((hidden.reshape(call.labels.shape[0], N, hidden.shape[-1]), weight, bias), call)
     return finish(result, call)

@@ -54,6 +54,7 @@ class Plan:
     scalar: bool              # the output is Σ coef·loss (mean / sum), else coef·loss per position
     stats: bool = False       # also hand back each position's z-loss term and argmax (statistics asked for)
     shard: Optional[VocabParallel] = None  # the scores hold this slice of the vocabulary (ids are global)
+    exact: bool = False       # fused head: accumulate gradients in fp32 (else the Triton engine uses the compute dtype)
 
     def list_of(self, b: Tensor, n: Tensor) -> Tensor:
         """Which of a part's per-sequence lists the positions (b, n) use."""
@@ -87,7 +88,7 @@ class Plan:
     def arguments(self) -> Arguments:
         assert self.shard is None, "a process group cannot cross a custom op: vocabulary-parallel calls run eagerly"
         tensors = [self.labels, self.target_mask, self.coef, self.sequence]
-        scalars = [float(self.scalar), float(self.stats), *self.softmax]
+        scalars = [float(self.scalar), float(self.stats), float(self.exact), *self.softmax]
         for part in self.parts:
             tensors += [part.exclude, part.ids, part.positions]
             scalars.append(part.alpha)
@@ -98,9 +99,9 @@ class Plan:
         labels, target_mask, coef, sequence = tensors[:4]
         assert labels is not None and target_mask is not None and coef is not None
         parts = [SupportPart(alpha, tensors[4 + 3 * i], tensors[5 + 3 * i], tensors[6 + 3 * i])  # type: ignore[arg-type]
-                 for i, alpha in enumerate(scalars[5:])]
-        return cls(labels, target_mask, coef, parts, sequence, SoftmaxOptions(*scalars[2:5]), bool(scalars[0]),
-                   bool(scalars[1]))
+                 for i, alpha in enumerate(scalars[6:])]
+        return cls(labels, target_mask, coef, parts, sequence, SoftmaxOptions(*scalars[3:6]), bool(scalars[0]),
+                   bool(scalars[1]), exact=bool(scalars[2]))
 
 
 @dataclass
@@ -238,7 +239,8 @@ def plan_of(call: Call) -> Plan:
     supports = [(m.weight, OBJECTIVES[m.name].build(t, **m.options)) for m in call.members]
     plan = Plan(torch.where(t.target_mask, t.labels, 0), t.target_mask, position_weights(t, c),
                 support_parts(supports, t.target_mask), None if t.sequences is None else t.sequences.index,
-                c.softmax, scalar=c.reduction in ("mean", "sum"), stats=c.return_stats, shard=c.vocab_parallel)
+                c.softmax, scalar=c.reduction in ("mean", "sum"), stats=c.return_stats, shard=c.vocab_parallel,
+                exact=c.exact_accumulation)
     return plan if c.context_parallel is None else plan.at(c.context_parallel.positions)
 
 

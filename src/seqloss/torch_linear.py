@@ -2,9 +2,8 @@
 without (B, N, V) logits.
 
 * List parts (SMILE, random subsetting, ``subset(include=)``) need only K columns of the head:
-  the rows ``weight[ids]`` are gathered per group of positions sharing a list (a row of the batch,
-  or a single position) and multiplied in a batched matmul — K/V of the FLOPs and memory. The
-  weight gradient is scattered back with ``index_add_``.
+  grouped matrix products over each group's gathered head rows (``grouped.py``, shared with the
+  Triton engine) — K/V of the FLOPs and memory.
 * Full parts (MLE, reverse subsets, selective EOS, ``exclude``, SMILE's first token) run over
   chunks of the positions with a target: chunk logits ``h_c @ W.T`` into one reused buffer, the
   shared per-position math of ``token_math.py``, then the gradients ``G @ W`` and ``G.T @ h_c`` in the same
@@ -25,16 +24,15 @@ import torch
 from torch import Tensor
 
 from ._buffers import Grads, GradTriple, in_compute_dtype, workspace
-from .plan import Engine, EngineOutput, Inputs, Need, Plan, sequence_groups
-from .token_math import PositionSums, candidate_support, candidates, capped_argmax, full_support
+from .grouped import list_part
+from .plan import Engine, EngineOutput, Inputs, Need, Plan
+from .token_math import PositionSums, capped_argmax, full_support
 
 # Positions per chunk of the full-vocabulary pass: about this many fp32 logits (1 << 25 = 128 MiB),
 # but never fewer than MIN_CHUNK_POSITIONS positions, so that the chunk matmuls stay efficient and
 # the weight gradient (V × H) is swept few times.
 FUSED_CHUNK_ELEMENTS = 1 << 25
 MIN_CHUNK_POSITIONS = 256
-# Gathered head rows per block of the list pass (groups × (K + M) × H elements).
-LIST_BLOCK_ELEMENTS = 1 << 24
 
 
 def _product(a: Tensor, b: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
@@ -86,74 +84,6 @@ def _full_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Pla
             grads.add_dense(idx, z, h, weight)
 
 
-def _groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor) -> tuple[Tensor, Tensor, bool]:
-    """Positions grouped by the list they share → ids (G, K), the flat index of each group's
-    positions (G, M) (-1: an empty slot), and whether the groups are the batch's rows in order
-    (then blocks are slices of the batch).
-
-    Groups are the rows of the batch for (B, 1, K) lists, single positions for (B, N, K) lists, and
-    for (S, 1, K) lists (packed examples, turns) the listed positions of each sequence, left-aligned
-    and ordered longest first, sequences with none left out: a block of neighbours then pads to its
-    own longest sequence, never to the batch's, so skewed lengths or many padding "sequences" cost
-    no memory (the gathers happen per block)."""
-    B, N, _ = hidden.shape
-    if ids.shape[1] == 1 and plan.sequence is not None:
-        slots = sequence_groups(plan.sequence, positions, ids.shape[0])  # (S, M), -1 = empty
-        filled = (slots >= 0).sum(dim=1)
-        order = filled.argsort(descending=True, stable=True)
-        order = order[filled[order] > 0]
-        return ids[order, 0], slots[order], False
-    index = torch.arange(B * N, device=hidden.device).reshape(B, N)
-    if ids.shape[1] == 1:
-        return ids[:, 0], index, True
-    return ids.reshape(B * N, ids.shape[-1]), index.reshape(B * N, 1), False
-
-
-def _list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, alpha: float, ids: Tensor,
-               positions: Tensor, w_all: Optional[Tensor], sums: PositionSums, grads: Grads) -> None:
-    """Positions whose support is the label plus ``ids``: gathered head rows, batched matmuls."""
-    H = hidden.shape[-1]
-    ids_g, slots, batch_rows = _groups(ids, hidden, plan, positions)
-    G, K = ids_g.shape
-    h_flat, y_flat, on_flat = hidden.reshape(-1, H), plan.labels.reshape(-1), positions.reshape(-1)
-    s = 0
-    while s < G:
-        M = slots.shape[1] if batch_rows else max(1, int((slots[s] >= 0).sum()))  # the block's longest group
-        block = max(1, LIST_BLOCK_ELEMENTS // max(1, (K + M) * H))
-        sl = slice(s, s + block)
-        s += block
-        if batch_rows:  # slices of the batch, no copies
-            h, y, on, flat = hidden[sl].float(), plan.labels[sl].unsqueeze(-1), positions[sl], slots[sl]
-            w_g = None if w_all is None else w_all[sl]
-        else:
-            slot = slots[sl, :M]
-            flat = slot.clamp(min=0)
-            h, y, on = h_flat[flat].float(), y_flat[flat].unsqueeze(-1), on_flat[flat] & (slot >= 0)
-            w_g = None if w_all is None else w_all.reshape(-1)[flat] * on
-        cand, valid = candidates(ids_g[sl].unsqueeze(1).expand(-1, M, -1), y, on)  # (g, M, K+1)
-        # The list part is small (K columns), so its math is fp32 throughout: bf16 inputs round once.
-        w_rows = weight[ids_g[sl].clamp(min=0)].float()                # (g, K, H)
-        w_y = weight[y.squeeze(-1)].float()                             # (g, M, H)
-        z = torch.cat([torch.bmm(h, w_rows.transpose(1, 2)), (h * w_y).sum(-1, keepdim=True)], dim=-1)
-        if bias is not None:
-            z = z + bias[cand].float()
-        w = None if w_g is None else alpha * w_g.unsqueeze(-1)
-        terms, g = candidate_support(z, valid, w, plan.softmax)        # (g, M, 1), (g, M, K+1)
-        sums.add(flat.flatten(), alpha, terms)
-        if g is None:
-            continue
-        g_list, g_y = g[..., :K], g[..., K:]
-        if grads.hidden is not None:
-            dh = torch.baddbmm(g_y * w_y, g_list, w_rows)               # (g, M, H)
-            grads.hidden.index_add_(0, flat.flatten(), dh.reshape(-1, H))
-        if grads.want_weight:
-            dw_rows = torch.bmm(g_list.transpose(1, 2), h)              # (g, K, H)
-            grads.add_weight_rows(ids_g[sl].clamp(min=0).flatten(), dw_rows.reshape(-1, H))
-            grads.add_weight_rows(y.flatten(), (g_y * h).reshape(-1, H))
-        if grads.bias is not None:
-            grads.bias.index_add_(0, cand.flatten(), g.flatten())
-
-
 def _predict_rest(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, sums: PositionSums) -> None:
     """The argmax of the supervised positions no full part visited: one pass of the head over them."""
     H, V = hidden.shape[-1], weight.shape[0]
@@ -180,7 +110,7 @@ def forward(inputs: Inputs, plan: Plan, need: Need, dtype: torch.dtype,
         if part.ids is None:
             _full_part(hidden, weight, bias, plan, part.alpha, part.exclude, part.positions, w_all, sums, grads)
         else:
-            _list_part(hidden, weight, bias, plan, part.alpha, part.ids, part.positions, w_all, sums, grads)
+            list_part(hidden, weight, bias, plan, part.alpha, part.ids, part.positions, w_all, sums, grads)
     if grads.want_weight:  # allocated here when nothing was supervised
         grads.weight_buffer(hidden.device)
     if plan.stats:

@@ -6,7 +6,6 @@ that tensor-core dots accept. Prints one line per compiled variant.
 """
 from __future__ import annotations
 
-import itertools
 import os
 
 import triton
@@ -23,36 +22,40 @@ POINTERS = dict(rows_ptr="*i64", labels_ptr="*i64", brows_ptr="*i64", cols_ptr="
                 cap="fp32", best_ptr="*fp32", arg_ptr="*i32")
 
 
-def compile_variant(fn, dtype: str, fused: bool, constants: dict) -> None:
+def compile_variant(fn, dtype: str, fused: bool, constants: dict, accumulate: str = "fp32") -> None:
+    """``accumulate``: the fused head's hidden and weight gradient buffers' dtype (its default with
+    bf16 inputs is bf16: sm_90's bf16 atomics; fp32 with exact accumulation)."""
     types = dict(POINTERS, x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}",
-                 gx_ptr="*fp32" if fused else f"*{dtype}")
+                 gx_ptr=f"*{accumulate}" if fused else f"*{dtype}", gw_ptr=f"*{accumulate}")
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
     assert compiled.asm["cubin"], fn.__name__
-    print("ok", fn.__name__, dtype, {k: v for k, v in constants.items() if isinstance(v, bool) and v})
+    print("ok", fn.__name__, dtype, accumulate, {k: v for k, v in constants.items() if isinstance(v, bool) and v})
 
 
 def main() -> None:
     dtype = "bf16"
-    for fused, listed in itertools.product((True, False), (True, False)):
+    # The fused head's list parts are grouped matrix products (grouped.py), not kernels.
+    for fused, listed in ((True, False), (False, True), (False, False)):
         blocks = dict(BLOCK_M=64, BLOCK_C=128, BLOCK_H=64) if fused else dict(BLOCK_M=4, BLOCK_C=2048, BLOCK_H=64)
-        common = dict(LIST=listed, EXCLUDE=not listed, FUSED=fused, HAS_BIAS=True, SOFTCAP=listed, UPCAST=False,
+        common = dict(LIST=listed, EXCLUDE=not listed, FUSED=fused, HAS_BIAS=True, SOFTCAP=listed or fused, UPCAST=False,
                       PRECISION="tf32", **blocks)
         compile_variant(kern._stats_kernel, dtype, fused, dict(common, ARGMAX=not listed))
-        compile_variant(kern._grad_kernel, dtype, fused,
-                        dict(common, STORE=not listed, GRAD_X=True, GRAD_W=fused, GRAD_B=fused,
-                             FILTER=2.0 ** -12 if fused else 0.0))
-    for fused in (True, False):
+        for accumulate in ("bf16", "fp32") if fused else ("fp32",):
+            compile_variant(kern._grad_kernel, dtype, fused,
+                            dict(common, STORE=not listed, GRAD_X=True, GRAD_W=fused, GRAD_B=fused,
+                                 FILTER=2.0 ** -12 if fused else 0.0, RMW=False), accumulate)
+    for fused, accumulate in ((True, "bf16"), (True, "fp32"), (False, "fp32")):
         compile_variant(kern._label_grad_kernel, dtype, fused,
-                        dict(FUSED=fused, SOFTCAP=True, GRAD_X=True, GRAD_W=fused, GRAD_B=fused,
-                             BLOCK_M=64 if fused else 4, BLOCK_H=64))
+                        dict(FUSED=fused, SOFTCAP=True, GRAD_X=True, GRAD_W=fused, GRAD_B=fused, RMW=False,
+                             BLOCK_M=64 if fused else 4, BLOCK_H=64), accumulate)
     # fp32 inputs take IEEE-precision dots.
     compile_variant(kern._grad_kernel, "fp32", True,
-                    dict(LIST=True, EXCLUDE=False, FUSED=True, HAS_BIAS=False, SOFTCAP=False, UPCAST=False,
+                    dict(LIST=False, EXCLUDE=False, FUSED=True, HAS_BIAS=False, SOFTCAP=False, UPCAST=False,
                          PRECISION="ieee", STORE=False, GRAD_X=True, GRAD_W=True, GRAD_B=False, FILTER=0.0,
-                         BLOCK_M=16, BLOCK_C=128, BLOCK_H=64))
+                         RMW=False, BLOCK_M=16, BLOCK_C=128, BLOCK_H=64))
     # return_stats on a full part without exclusions (MLE): the statistics pass with its argmax.
     compile_variant(kern._stats_kernel, dtype, True,
                     dict(LIST=False, EXCLUDE=False, FUSED=True, HAS_BIAS=False, SOFTCAP=False, UPCAST=False,

@@ -25,3 +25,15 @@ def test_bench_gpu_prints_every_provider(monkeypatch, capsys, tmp_path):
         assert f"| {objective}" in text and name in text
     assert (tmp_path / "t.md").read_text().strip() == text.strip()
     sys.modules.pop("bench_gpu", None)
+
+
+def test_flop_bound_counts_each_objectives_support(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_gpu
+    flops = bench_gpu.support_flops(torch.tensor([[1, 1, 2, -100], [-100, -100, -100, -100]]), H=1, V=10)
+    # MLE: 3 positions × 10 ids; SMILE: the first position's 10 ids, then 2 positions × (2 distinct + label slot)
+    assert flops == {"mle": 6.0 * 30, "smile": 6.0 * (10 + 2 * 3)}
+    rows = bench_gpu.table_rows("s", [dict(name="mle/a", ms=2.0, peak=None), dict(name="smile/b", ms=1.0, peak=None)],
+                                1, {"mle": 4e9, "smile": 1e9}, peak_tflops=1.0)
+    assert [(r["FLOP-bound ms"], r["x bound"]) for r in rows] == [("4.00", "0.5"), ("1.00", "1.0")]
+    sys.modules.pop("bench_gpu", None)

@@ -70,3 +70,19 @@ def test_interpreter_blocks_reach_every_loop(monkeypatch):
     part = list_part(torch.zeros(2, 1, 40, dtype=torch.long), torch.ones(2, 5, dtype=torch.bool))
     blocks = blocks_for(part, 40, fused=True, device=torch.device("cpu"))
     assert blocks.c < 40 and blocks.splits == 2
+
+
+def test_fused_blocks_follow_the_profiling_variable(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    part = full_part(None, torch.ones(2, 300, dtype=torch.bool), 5000, cover_all=False)
+    assert blocks_for(part, 5000, fused=True, device=torch.device("cpu")).launch() == {}
+    monkeypatch.setenv("SEQLOSS_FUSED_BLOCKS", "128,256,32,8,3")
+    blocks = blocks_for(part, 5000, fused=True, device=torch.device("cpu"))
+    assert (blocks.m, blocks.c, blocks.h, blocks.launch()) == (128, 256, 32, dict(num_warps=8, num_stages=3))
+    assert blocks_for(part, 5000, fused=False, device=torch.device("cpu")).m == 4  # the logits path keeps its own
+    for bad in ("128,256", "100,256,32", "a,b,c", "128,256,32,0,3"):
+        monkeypatch.setenv("SEQLOSS_FUSED_BLOCKS", bad)
+        with pytest.raises(ValueError, match="SEQLOSS_FUSED_BLOCKS"):
+            blocks_for(part, 5000, fused=True, device=torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter's small tiles whatever is asked
+    assert blocks_for(part, 5000, fused=True, device=torch.device("cpu")).m == 16

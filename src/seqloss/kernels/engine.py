@@ -2,9 +2,10 @@
 and ``torch_linear.py``.
 
 The logits path writes the (B, N, V) gradient of Σ coef·loss once (the first full part stores every
-row, later parts add). The fused head accumulates fp32 gradients of Σ w·loss for hidden, weight and
-bias; its logits exist only as tiles (a statistics pass, then a gradient pass that recomputes its
-tiles, as Cut Cross-Entropy does). With ``plan.stats`` the statistics pass of full parts also finds
+row, later parts add). The fused head accumulates the gradients of Σ w·loss for hidden, weight and
+bias (in the compute dtype, or fp32 with ``plan.exact``); its full parts' logits exist only as tiles
+(a statistics pass, then a gradient pass that recomputes its tiles, as Cut Cross-Entropy does), its
+list parts are grouped matrix products over each group's gathered head rows (``grouped.py``). With ``plan.stats`` the statistics pass of full parts also finds
 each position's argmax; positions that only list parts score get one statistics pass over the
 vocabulary for it, without gradients.
 """
@@ -18,6 +19,7 @@ import triton
 from torch import Tensor
 
 from .._buffers import Grads, GradTriple, in_compute_dtype
+from ..grouped import list_part
 from ..plan import Engine, EngineOutput, Inputs, Need, Plan
 from ..token_math import PositionSums, TokenTerms
 from . import support_ce as kern
@@ -96,7 +98,7 @@ def statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor, argmax: 
         x, w, b, part.slot_positions, labels, brows, cols, bitmap, out[0], out[1], out[2], out[3], z_y, best, arg,
         M, C, src.vocab_size, H, P, x.stride(0), stride_w, per_split, src.cap or 1.0,
         LIST=part.cols is not None, EXCLUDE=part.bitmap is not None, **src.flags(), ARGMAX=argmax,
-        BLOCK_M=blocks.m, BLOCK_C=blocks.c, BLOCK_H=blocks.h)
+        BLOCK_M=blocks.m, BLOCK_C=blocks.c, BLOCK_H=blocks.h, **blocks.launch())
     lse, zsum, size = combine(out)
     predicted = arg.gather(0, best.argmax(0, keepdim=True)).squeeze(0).long() if argmax else None
     return Statistics(lse, zsum, size, z_y, predicted)
@@ -112,18 +114,22 @@ def gradients(src: Source, part: Part, blocks: Blocks, labels: Tensor, coef: Ten
     x, w, b, H, stride_w = src.pointers()
     spare = coef  # stands in for a gradient that is not wanted (never written: its flag is off)
     gx_, gw_, gb_ = (spare if t is None else t for t in (gx, gw, gb))
-    wanted = dict(GRAD_X=gx is not None, GRAD_W=gw is not None, GRAD_B=gb is not None)
+    wanted = dict(GRAD_X=gx is not None, GRAD_W=gw is not None, GRAD_B=gb is not None,
+                  RMW=interpreting() and any(t is not None and t.dtype != torch.float32 for t in (gx, gw)))
     kern._grad_kernel[(G * triton.cdiv(M, blocks.m), triton.cdiv(C, blocks.c))](
         x, w, b, part.slot_positions, labels, brows, cols, bitmap, coef, lse, size, pscale, eps, gx_, gw_, gb_,
         M, C, src.vocab_size, H, x.stride(0), stride_w, gx_.stride(0), gw_.stride(0), src.cap or 1.0,
         LIST=part.cols is not None, EXCLUDE=part.bitmap is not None, **src.flags(), STORE=store, **wanted,
         FILTER=src.filter,
-        BLOCK_M=blocks.m, BLOCK_C=blocks.c, BLOCK_H=blocks.h)
+        BLOCK_M=blocks.m, BLOCK_C=blocks.c, BLOCK_H=blocks.h, **blocks.launch())
     P = G * M
-    kern._label_grad_kernel[(triton.cdiv(P, blocks.m),)](
+    # Slots of a block may share a label, i.e. a weight-gradient row: a load-add-store (RMW) block
+    # would keep one of their additions, so under RMW each program takes one slot.
+    m = 1 if wanted["RMW"] else blocks.m
+    kern._label_grad_kernel[(triton.cdiv(P, m),)](
         x, w, part.slot_positions, labels, coef, lse, size, z_y, pscale, eps, gx_, gw_, gb_,
         P, H, x.stride(0), stride_w, gx_.stride(0), gw_.stride(0), src.cap or 1.0,
-        FUSED=src.fused, SOFTCAP=src.cap > 0, **wanted, BLOCK_M=blocks.m, BLOCK_H=blocks.h)
+        FUSED=src.fused, SOFTCAP=src.cap > 0, **wanted, BLOCK_M=m, BLOCK_H=blocks.h)
 
 
 def _add_terms(sums: PositionSums, part: Part, alpha: float, plan: Plan, stats: Statistics) -> None:
@@ -189,20 +195,29 @@ def logits_forward(inputs: Inputs, plan: Plan, need: Need, dtype: torch.dtype) -
 def linear_forward(inputs: Inputs, plan: Plan, need: Need, dtype: torch.dtype,
                    weights: Optional[Tensor] = None) -> EngineOutput:
     """Per-position losses (B, N) and the gradients ``need`` asks for: of Σ coef·loss, or of
-    Σ weights·loss when ``weights`` (B, N) are given (backward's recompute)."""
+    Σ weights·loss when ``weights`` (B, N) are given (backward's recompute).
+
+    Full parts run on the kernels; list parts as grouped matrix products (``grouped.py``). The
+    hidden and weight gradients accumulate in the compute dtype (bf16/fp16: no fp32 buffer of the
+    head's size, each tile's sum rounded as it is added, as Cut Cross-Entropy's default), or in
+    fp32, rounded once at the end, with ``plan.exact``."""
     hidden, weight, bias = in_compute_dtype(inputs, dtype)
     assert weight is not None
     B, N, H = hidden.shape
     V = weight.shape[0]
     w_all = weights if weights is not None else plan.coef if any(need) else None
-    grads = Grads.allocate(B * N, H, V, hidden.device, w_all is not None, need)
+    accumulate = torch.float32 if plan.exact else dtype
+    grads = Grads.allocate(B * N, H, V, hidden.device, w_all is not None, need, accumulate)
     if grads.want_weight:  # the kernels add into it from the start
         grads.weight_buffer(hidden.device)
     src = Source(hidden.reshape(B * N, H).contiguous(), V, weight.contiguous(),
                  None if bias is None else bias.contiguous(), plan.softmax.softcap)
     sums = PositionSums(B * N, hidden.device, plan.stats)
-    _run_parts(src, plan, list(parts_of(plan, V, cover_first=False)), w_all, sums,
-               gx=grads.hidden, gw=grads.weight, gb=grads.bias)
+    full = [(p.alpha, full_part(p.exclude, p.positions, V, False, plan.sequence)) for p in plan.parts if p.ids is None]
+    for p in plan.parts:
+        if p.ids is not None:
+            list_part(hidden, weight, bias, plan, p.alpha, p.ids, p.positions, w_all, sums, grads)
+    _run_parts(src, plan, full, w_all, sums, gx=grads.hidden, gw=grads.weight, gb=grads.bias)
     return _output(sums, (B, N), grads.results(inputs))
 
 

@@ -40,34 +40,68 @@ class Part:
 
 @dataclass(frozen=True)
 class Blocks:
-    """Launch shape: tile sizes and how many programs share a slot's columns in the stats pass."""
+    """Launch shape: tile sizes, how many programs share a slot's columns in the stats pass, and
+    the warps and pipeline stages of each program (None: Triton's defaults)."""
 
     m: int
     c: int
     h: int
     splits: int
+    warps: Optional[int] = None
+    stages: Optional[int] = None
+
+    def launch(self) -> dict:
+        """The launch keywords Triton takes besides the kernel's own."""
+        out = {} if self.warps is None else dict(num_warps=self.warps)
+        return out if self.stages is None else dict(out, num_stages=self.stages)
+
+
+# For profiling on a GPU: "m,c,h[,warps,stages]" replaces the fused head's tile shape
+# (benchmarks/bench_gpu.py --blocks sweeps several in one run).
+BLOCKS_VARIABLE = "SEQLOSS_FUSED_BLOCKS"
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def fused_override() -> Optional[tuple[int, ...]]:
+    """The fused head's tile shape from ``SEQLOSS_FUSED_BLOCKS``, or None when unset."""
+    text = os.environ.get(BLOCKS_VARIABLE)
+    if not text:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (3, 5) or any(v <= 0 or v & (v - 1) for v in values[:3]) or min(values) <= 0:
+        raise ValueError(f"{BLOCKS_VARIABLE} must be 'm,c,h' or 'm,c,h,warps,stages' (tile sizes powers of "
+                         f"two), got {text!r}")
+    return values
+
+
 def blocks_for(part: Part, columns: int, fused: bool, device: torch.device) -> Blocks:
     """Tile sizes for a part. Under the interpreter: small tiles and two splits, so that tests at
     small shapes go through every loop and the split merge. On a GPU: tensor-core tiles for the
-    fused head, wide rows for the logits path, and enough splits to fill the multiprocessors."""
+    fused head (or ``SEQLOSS_FUSED_BLOCKS``'s), wide rows for the logits path, and enough splits to
+    fill the multiprocessors."""
     G, M = part.slot_positions.shape
     if interpreting():
         m = 16 if fused else 4
         c, h = 16, 16
         return Blocks(m, c, h, splits=2 if columns > c else 1)
+    override = fused_override() if fused else None
     m = (64 if M >= 64 else 16) if fused else 4
-    c = 128 if fused else 2048
+    c, h = (128 if fused else 2048), 64
+    warps = stages = None
+    if override is not None:
+        m, c, h = override[:3]
+        warps, stages = override[3:] if len(override) == 5 else (None, None)
     c = min(c, max(16, 1 << max(columns - 1, 1).bit_length()))
     programs = G * -(-M // m)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     blocks = -(-columns // c)
-    return Blocks(m, c, 64, splits=max(1, min(blocks, -(-4 * sms // programs))))
+    return Blocks(m, c, h, splits=max(1, min(blocks, -(-4 * sms // programs))), warps=warps, stages=stages)
 
 
 def _bitmap(exclude: Tensor, vocab_size: int) -> Tensor:

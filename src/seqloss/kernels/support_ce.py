@@ -12,7 +12,8 @@ so a label is counted once whatever the lists hold.
   ids and the label included. Logits come from memory (``FUSED=False``) or from
   ``hidden @ weight[cols].T`` tiles.
 * ``_grad_kernel`` — the gradient of Σ w·loss on the columns, written once: into the logits'
-  gradient, or (fused) recomputing the tile and adding ``g @ W`` and ``g.T @ h`` with fp32 atomics.
+  gradient, or (fused) recomputing the tile and adding ``g @ W`` and ``g.T @ h`` with atomics in the
+  accumulators' dtype (fp32, or bf16/fp16 without ``exact_accumulation``).
 * ``_label_grad_kernel`` — the label's own gradient term, per slot.
 
 All math is fp32 whatever the input dtype. ``UPCAST`` (set under ``TRITON_INTERPRET=1``) feeds
@@ -41,6 +42,18 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 def _cap(z, cap):
     """cap·tanh(z / cap), written with a sigmoid (tanh = 2σ(2x) - 1)."""
     return cap * (2.0 * tl.sigmoid(2.0 * z / cap) - 1.0)
+
+
+@triton.jit
+def _accumulate(ptr, value, mask, RMW: tl.constexpr):
+    """``*ptr += value`` (fp32 ``value``) in the buffer's dtype: an atomic add (fp32, or bf16/fp16 on
+    sm_90), or with ``RMW`` a load, add and store — under the interpreter, whose programs run one
+    after another and whose atomics take no bf16."""
+    if RMW:
+        old = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptr, (old + value).to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptr, value.to(ptr.dtype.element_ty), mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -188,7 +201,7 @@ def _grad_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr,
                  M, C, V, H, stride_x, stride_w, stride_gx, stride_gw, cap,
                  LIST: tl.constexpr, EXCLUDE: tl.constexpr, FUSED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SOFTCAP: tl.constexpr, STORE: tl.constexpr, GRAD_X: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, FILTER: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, FILTER: tl.constexpr, RMW: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
     """w·(softmax - ε/|S|) on a tile's columns (0 elsewhere): stored into / added to the logits'
     gradient, or (fused) multiplied into the hidden, weight and bias gradients — unless every
@@ -210,7 +223,7 @@ def _grad_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr,
     if FUSED:
         if tl.max(tl.max(tl.abs(pv), axis=1), axis=0) >= FILTER:
             _add_tile_gradients(x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr, gz, row, col, H, stride_x, stride_w,
-                                stride_gx, stride_gw, GRAD_X, GRAD_W, GRAD_B, UPCAST, PRECISION,
+                                stride_gx, stride_gw, GRAD_X, GRAD_W, GRAD_B, UPCAST, PRECISION, RMW,
                                 BLOCK_M, BLOCK_C, BLOCK_H)
     else:
         ptr = gx_ptr + row[:, None].to(tl.int64) * stride_gx + col[None, :]
@@ -225,10 +238,11 @@ def _grad_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr,
 @triton.jit
 def _add_tile_gradients(x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr, gz, row, col, H, stride_x, stride_w,
                         stride_gx, stride_gw, GRAD_X: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, RMW: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
     """hidden grad += gz @ W[col], weight grad[col] += gz.T @ hidden[row], bias grad[col] += Σ gz,
-    one block of H at a time, with fp32 atomics (other tiles add to the same rows)."""
+    one block of H at a time, with atomics in the accumulators' dtype (other tiles add to the same
+    rows); the bias accumulates in fp32."""
     ok = row >= 0
     gz_in = gz
     if not UPCAST:
@@ -239,14 +253,14 @@ def _add_tile_gradients(x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr, gz, row, col, H, s
             wt = tl.load(w_ptr + col[:, None].to(tl.int64) * stride_w + hh[None, :],
                          mask=(col[:, None] >= 0) & (hh[None, :] < H), other=0.0)
             dx = _dot(gz_in, wt, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), UPCAST, PRECISION)
-            tl.atomic_add(gx_ptr + row[:, None].to(tl.int64) * stride_gx + hh[None, :], dx,
-                          mask=ok[:, None] & (hh[None, :] < H))
+            _accumulate(gx_ptr + row[:, None].to(tl.int64) * stride_gx + hh[None, :], dx,
+                        ok[:, None] & (hh[None, :] < H), RMW)
         if GRAD_W:
             xt = tl.load(x_ptr + row[:, None].to(tl.int64) * stride_x + hh[None, :],
                          mask=ok[:, None] & (hh[None, :] < H), other=0.0)
             dw = _dot(tl.trans(gz_in), xt, tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32), UPCAST, PRECISION)
-            tl.atomic_add(gw_ptr + col[:, None].to(tl.int64) * stride_gw + hh[None, :], dw,
-                          mask=(col[:, None] >= 0) & (hh[None, :] < H))
+            _accumulate(gw_ptr + col[:, None].to(tl.int64) * stride_gw + hh[None, :], dw,
+                        (col[:, None] >= 0) & (hh[None, :] < H), RMW)
     if GRAD_B:
         tl.atomic_add(gb_ptr + col, tl.sum(gz, axis=0), mask=col >= 0)
 
@@ -255,7 +269,7 @@ def _add_tile_gradients(x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr, gz, row, col, H, s
 def _label_grad_kernel(x_ptr, w_ptr, rows_ptr, labels_ptr, coef_ptr, lse_ptr, size_ptr, zy_ptr, pscale_ptr, eps,
                        gx_ptr, gw_ptr, gb_ptr, P, H, stride_x, stride_w, stride_gx, stride_gw, cap,
                        FUSED: tl.constexpr, SOFTCAP: tl.constexpr, GRAD_X: tl.constexpr, GRAD_W: tl.constexpr,
-                       GRAD_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+                       GRAD_B: tl.constexpr, RMW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     """The label's term w·(p_y - ε/|S| - (1 - ε)) of each slot, added after ``_grad_kernel``."""
     slot = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row = tl.load(rows_ptr + slot, mask=slot < P, other=-1)
@@ -275,12 +289,12 @@ def _label_grad_kernel(x_ptr, w_ptr, rows_ptr, labels_ptr, coef_ptr, lse_ptr, si
             mask = ok[:, None] & (hh[None, :] < H)
             if GRAD_X:
                 wy = tl.load(w_ptr + y[:, None].to(tl.int64) * stride_w + hh[None, :], mask=mask, other=0.0)
-                tl.atomic_add(gx_ptr + row[:, None].to(tl.int64) * stride_gx + hh[None, :],
-                              g_y[:, None] * wy.to(tl.float32), mask=mask)
+                _accumulate(gx_ptr + row[:, None].to(tl.int64) * stride_gx + hh[None, :],
+                            g_y[:, None] * wy.to(tl.float32), mask, RMW)
             if GRAD_W:
                 xr = tl.load(x_ptr + row[:, None].to(tl.int64) * stride_x + hh[None, :], mask=mask, other=0.0)
-                tl.atomic_add(gw_ptr + y[:, None].to(tl.int64) * stride_gw + hh[None, :],
-                              g_y[:, None] * xr.to(tl.float32), mask=mask)
+                _accumulate(gw_ptr + y[:, None].to(tl.int64) * stride_gw + hh[None, :],
+                            g_y[:, None] * xr.to(tl.float32), mask, RMW)
         if GRAD_B:
             tl.atomic_add(gb_ptr + y, g_y, mask=ok)
     else:

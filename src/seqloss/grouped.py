@@ -1,0 +1,154 @@
+"""List supports on the fused head as grouped matrix products: the part both fused engines share.
+
+SMILE, random and reverse subsets and ``subset(include=)`` score each position's label plus a list
+of K ids shared by a group of positions (a row of the batch, a packed example or turn, or a single
+position). Only K rows of the head are needed: each group's rows ``weight[ids]`` are gathered once
+and multiplied by the group's hidden states in batched matrix products — logits (M, K), then the
+gradients ``G @ W_ids`` and ``G.T @ h`` — K/V of the full head's FLOPs and memory, with no atomics
+(the weight gradient's rows are added once per group).
+
+Precision: on CPU (and for fp32 inputs) the products run in fp32, so bf16 inputs round once. On a
+GPU with bf16/fp16 inputs they run on the tensor cores in the compute dtype with fp32 results where
+torch offers them (``out_dtype``), as the dense head's ``F.linear`` would; the softmax math is fp32
+either way. A label that is one of its list's ids takes its gradient through that id's column, so
+the weight gradient of a frequent label is one product's sum, not many rounded additions.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._buffers import Grads
+from .plan import Plan, sequence_groups
+from .token_math import PositionSums, candidate_support, candidates
+
+# Gathered head rows per block of groups (groups × (K + M) × H elements).
+LIST_BLOCK_ELEMENTS = 1 << 24
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def low_precision_products(x: Tensor) -> bool:
+    """Whether the products run in ``x``'s own dtype: bf16/fp16 on a GPU (tensor cores); elsewhere fp32."""
+    return x.device.type == "cuda" and x.dtype in LOW_PRECISION
+
+
+@functools.cache
+def _fp32_results(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.bmm(..., out_dtype=torch.float32)`` runs for ``dtype`` inputs on this device
+    (CUDA builds of torch >= 2.8): then low-precision products keep their fp32 accumulators' values."""
+    a = torch.zeros(1, 1, 1, dtype=dtype, device=device_type)
+    try:
+        torch.bmm(a, a, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def bmm32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` (batched) as fp32: fp32 inputs as they are; low-precision ones with fp32 results —
+    on the GPU's tensor cores where torch offers them (``out_dtype``); on CPU as the fp32 product of
+    the widened inputs, the same values (a product of two bf16/fp16 numbers is exact in fp32); on a
+    GPU without them, the product rounded once, then widened."""
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    if a.device.type != "cuda":
+        return torch.bmm(a.float(), b.float())
+    if _fp32_results(a.device.type, a.dtype):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a, b).float()
+
+
+def groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Positions grouped by the list they share → ids (G, K), the flat index of each group's
+    positions (G, M) (-1: an empty slot), and whether the groups are the batch's rows in order
+    (then blocks are slices of the batch).
+
+    Groups are the rows of the batch for (B, 1, K) lists, single positions for (B, N, K) lists, and
+    for (S, 1, K) lists (packed examples, turns) the listed positions of each sequence, left-aligned
+    and ordered longest first, sequences with none left out: a block of neighbours then pads to its
+    own longest sequence, never to the batch's, so skewed lengths or many padding "sequences" cost
+    no memory (the gathers happen per block)."""
+    B, N, _ = hidden.shape
+    if ids.shape[1] == 1 and plan.sequence is not None:
+        slots = sequence_groups(plan.sequence, positions, ids.shape[0])  # (S, M), -1 = empty
+        filled = (slots >= 0).sum(dim=1)
+        order = filled.argsort(descending=True, stable=True)
+        order = order[filled[order] > 0]
+        return ids[order, 0], slots[order], False
+    index = torch.arange(B * N, device=hidden.device).reshape(B, N)
+    if ids.shape[1] == 1:
+        return ids[:, 0], index, True
+    return ids.reshape(B * N, ids.shape[-1]), index.reshape(B * N, 1), False
+
+
+def _label_dots(h: Tensor, w_y: Tensor) -> Tensor:
+    """Each position's label logit (g, M, 1) fp32 from its hidden row and its label's head row."""
+    if h.dtype == torch.float32:
+        return (h * w_y).sum(-1, keepdim=True)
+    g, M, H = h.shape
+    return bmm32(h.reshape(g * M, 1, H), w_y.reshape(g * M, H, 1)).reshape(g, M, 1)
+
+
+def list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, alpha: float, ids: Tensor,
+              positions: Tensor, w_all: Optional[Tensor], sums: PositionSums, grads: Grads,
+              low_precision: Optional[bool] = None) -> None:
+    """Positions whose support is the label plus ``ids``: losses into ``sums``, and (given the
+    weights ``w_all`` (B, N)) the gradients of Σ alpha·w·loss into ``grads``. ``low_precision``:
+    run the products in the inputs' dtype (default: ``low_precision_products``)."""
+    H = hidden.shape[-1]
+    fast = low_precision_products(hidden) if low_precision is None else low_precision
+    ids_g, slots, batch_rows = groups(ids, hidden, plan, positions)
+    G, K = ids_g.shape
+    h_flat, y_flat, on_flat = hidden.reshape(-1, H), plan.labels.reshape(-1), positions.reshape(-1)
+    s = 0
+    while s < G:
+        M = slots.shape[1] if batch_rows else max(1, int((slots[s] >= 0).sum()))  # the block's longest group
+        block = max(1, LIST_BLOCK_ELEMENTS // max(1, (K + M) * H))
+        sl = slice(s, s + block)
+        s += block
+        if batch_rows:  # slices of the batch, no copies
+            h, y, on, flat = hidden[sl], plan.labels[sl].unsqueeze(-1), positions[sl], slots[sl]
+            w_g = None if w_all is None else w_all[sl]
+        else:
+            slot = slots[sl, :M]
+            flat = slot.clamp(min=0)
+            h, y, on = h_flat[flat], y_flat[flat].unsqueeze(-1), on_flat[flat] & (slot >= 0)
+            w_g = None if w_all is None else w_all.reshape(-1)[flat] * on
+        listed = ids_g[sl]
+        cand, valid = candidates(listed.unsqueeze(1).expand(-1, M, -1), y, on)  # (g, M, K+1)
+        w_rows = weight[listed.clamp(min=0)]                                    # (g, K, H)
+        w_y = weight[y.squeeze(-1)]                                             # (g, M, H)
+        if not fast:
+            h, w_rows, w_y = h.float(), w_rows.float(), w_y.float()
+        z = torch.cat([bmm32(h, w_rows.transpose(1, 2)), _label_dots(h, w_y)], dim=-1)
+        if bias is not None:
+            z = z + bias[cand].float()
+        w = None if w_g is None else alpha * w_g.unsqueeze(-1)
+        terms, g = candidate_support(z, valid, w, plan.softmax)                 # (g, M, 1), (g, M, K+1)
+        sums.add(flat.flatten(), alpha, terms)
+        if g is not None:
+            _add_gradients(g, listed, y, h, w_rows, w_y, cand, flat, grads)
+
+
+def _add_gradients(g: Tensor, listed: Tensor, y: Tensor, h: Tensor, w_rows: Tensor, w_y: Tensor, cand: Tensor,
+                   flat: Tensor, grads: Grads) -> None:
+    """A block's gradients from dloss/dz ``g`` (g, M, K+1), label last: a label found in its list
+    moves to that id's column, so only labels outside their list take the separate label rows."""
+    K, H = listed.shape[1], h.shape[-1]
+    in_list = (listed.unsqueeze(1) == y) & (listed.unsqueeze(1) >= 0)          # (g, M, K), ids unique
+    g_y = g[..., K:]
+    g_list = g[..., :K] + g_y * in_list
+    g_y = g_y * ~in_list.any(-1, keepdim=True)                                  # labels outside the list
+    g_in = g_list.to(h.dtype)
+    if grads.hidden is not None:
+        dh = bmm32(g_in, w_rows) + g_y * w_y.float()                            # (g, M, H)
+        grads.add_hidden_rows(flat.flatten(), dh.reshape(-1, H))
+    if grads.want_weight:
+        dw_rows = bmm32(g_in.transpose(1, 2), h)                                # (g, K, H)
+        grads.add_weight_rows(listed.clamp(min=0).flatten(), dw_rows.reshape(-1, H))
+        grads.add_weight_rows(y.flatten(), (g_y * h.float()).reshape(-1, H))
+    if grads.bias is not None:
+        grads.bias.index_add_(0, cand.flatten(), g.flatten())
