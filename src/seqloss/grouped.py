@@ -10,8 +10,9 @@ gradients ``G @ W_ids`` and ``G.T @ h`` — K/V of the full head's FLOPs and mem
 Precision: on CPU (and for fp32 inputs) the products run in fp32, so bf16 inputs round once. On a
 GPU with bf16/fp16 inputs they run on the tensor cores in the compute dtype with fp32 results where
 torch offers them (``out_dtype``), as the dense head's ``F.linear`` would; the softmax math is fp32
-either way. A label that is one of its list's ids takes its gradient through that id's column, so
-the weight gradient of a frequent label is one product's sum, not many rounded additions.
+either way. Into bf16/fp16 accumulators (the Triton engine's default) a label that is one of its
+list's ids takes its gradient through that id's column, so the weight gradient of a frequent label
+is one product's sum, not many rounded additions.
 """
 from __future__ import annotations
 
@@ -135,13 +136,15 @@ def list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan
 
 def _add_gradients(g: Tensor, listed: Tensor, y: Tensor, h: Tensor, w_rows: Tensor, w_y: Tensor, cand: Tensor,
                    flat: Tensor, grads: Grads) -> None:
-    """A block's gradients from dloss/dz ``g`` (g, M, K+1), label last: a label found in its list
-    moves to that id's column, so only labels outside their list take the separate label rows."""
+    """A block's gradients from dloss/dz ``g`` (g, M, K+1), label last. Into low-precision
+    accumulators a label found in its list moves to that id's column, so only labels outside their
+    list take the separate label rows (whose repeated additions would each round)."""
     K, H = listed.shape[1], h.shape[-1]
-    in_list = (listed.unsqueeze(1) == y) & (listed.unsqueeze(1) >= 0)          # (g, M, K), ids unique
-    g_y = g[..., K:]
-    g_list = g[..., :K] + g_y * in_list
-    g_y = g_y * ~in_list.any(-1, keepdim=True)                                  # labels outside the list
+    g_list, g_y = g[..., :K], g[..., K:]
+    if grads.dtype != torch.float32:
+        in_list = (listed.unsqueeze(1) == y) & (listed.unsqueeze(1) >= 0)      # (g, M, K), ids unique
+        g_list = g_list + g_y * in_list
+        g_y = g_y * ~in_list.any(-1, keepdim=True)                              # labels outside the list
     g_in = g_list.to(h.dtype)
     if grads.hidden is not None:
         dh = bmm32(g_in, w_rows) + g_y * w_y.float()                            # (g, M, H)
