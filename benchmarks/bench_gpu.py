@@ -1,6 +1,7 @@
 """GPU fused-head benchmark: the Triton kernels against Liger-Kernel, Cut Cross-Entropy, torch's
 chunked ``F.linear_cross_entropy`` and HF-style full logits, at Llama-3-8B's and Gemma-2-2B's heads
-(one row of 8192 positions) and at Llama-3's head in a batch of 8 rows × 1024 with their own supports.
+(one row of 8192 positions) and at Llama-3's head in a batch of 8 rows × 1024 with their own supports;
+and the logits path on given Llama-3-sized logits (torch's cross-entropy and seqloss's two engines).
 
 Forward+backward with gradients for hidden and weight, bf16, Zipf-distributed labels. Time: median of
 ``--repeats`` rounds after warm-up, providers interleaved in each round, with CUDA events. Memory: the allocator's peak above the inputs,
@@ -149,17 +150,11 @@ def run_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: int,
     labels = zipf_labels((B, N), V, pad_fraction=0.0).to(device)
     clock = Clock(device)
     bound = (V * H + B * N * H) * hidden.element_size()
-    steps: dict[str, Callable[[], None]] = {}
-    for provider, fn in providers(blocks).items():
-        if fn is not None:
-            steps[provider] = _step(fn, hidden, weight, labels)
-            clock.time(steps[provider])  # warm-up: compilation and autotuning
+    steps = {provider: _step(fn, hidden, weight, labels) for provider, fn in providers(blocks).items()
+             if fn is not None}
     # Interleaved (A B A B ...), as a training loop interleaves work: repeating one provider alone
-    # keeps its buffers and caches warm and can flatter it.
-    times: dict[str, list] = {provider: [] for provider in steps}
-    for _ in range(repeats):
-        for provider, step in steps.items():
-            times[provider].append(clock.time(step))
+    # keeps its buffers and caches warm and can flatter it. The warm-up compiles the kernels.
+    times = interleaved(steps, repeats, clock)
     rows = []
     for provider in providers(blocks):
         if provider not in steps:
@@ -168,6 +163,46 @@ def run_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: int,
             rows.append(dict(name=provider, ms=statistics.median(times[provider]),
                              peak=clock.peak_extra(steps[provider])))
     return rows, bound, distinct_per_row(labels.cpu()), support_flops(labels.cpu(), H, V)
+
+
+def logits_providers() -> dict[str, Callable]:
+    """The logits path (B, N, V) logits given: torch's cross-entropy against seqloss's two engines,
+    which decides what ``impl="auto"`` should pick there on a GPU."""
+    def ce(x, y):
+        return F.cross_entropy(x.flatten(0, -2).float(), y.flatten(), ignore_index=-100)
+
+    def ours(objective: str, impl: str) -> Callable:
+        return lambda x, y: seqloss.objective_loss(x, y, objective, impl=impl)
+    return {"mle/F.cross_entropy": ce, "mle/seqloss torch": ours("mle", "torch"),
+            "mle/seqloss triton": ours("mle", "triton"), "smile/seqloss torch": ours("smile", "torch"),
+            "smile/seqloss triton": ours("smile", "triton")}
+
+
+def run_logits(name: str, device: torch.device, dtype: torch.dtype, repeats: int):
+    """Forward+backward on given logits at a shape's (rows, N, V): each provider's median ms and peak
+    above the logits, against the logits' gradient as the bound."""
+    B, N, _, V = SHAPES[name]
+    logits = (torch.randn(B, N, V, generator=torch.Generator().manual_seed(1)) * 2).to(device, dtype)
+    labels = zipf_labels((B, N), V, pad_fraction=0.0).to(device)
+    clock = Clock(device)
+
+    def step_of(fn: Callable) -> Callable[[], None]:
+        return lambda: fn(logits.detach().requires_grad_(True), labels).backward()
+    steps = {provider: step_of(fn) for provider, fn in logits_providers().items()}
+    times = interleaved(steps, repeats, clock)
+    rows = [dict(name=p, ms=statistics.median(times[p]), peak=clock.peak_extra(steps[p])) for p in steps]
+    return rows, logits.numel() * logits.element_size()
+
+
+def interleaved(steps: dict[str, Callable[[], None]], repeats: int, clock: Clock) -> dict[str, list]:
+    """One warm-up call each, then ``repeats`` rounds timing every step in turn (A B A B ...)."""
+    for step in steps.values():
+        clock.time(step)
+    times: dict[str, list] = {provider: [] for provider in steps}
+    for _ in range(repeats):
+        for provider, step in steps.items():
+            times[provider].append(clock.time(step))
+    return times
 
 
 COLUMNS = ("shape", "objective", "provider", "fwd+bwd ms", "vs fastest MLE peer", "FLOP-bound ms", "x bound",
@@ -185,7 +220,7 @@ def table_rows(shape: str, rows, bound, flops: dict[str, float], peak_tflops: Op
             out.append({**row, "fwd+bwd ms": "skipped: " + r["skipped"]})
             continue
         peak = r["peak"]
-        floor = flops[objective] / (peak_tflops * 1e9) if peak_tflops else None  # ms
+        floor = flops[objective] / (peak_tflops * 1e9) if peak_tflops and flops.get(objective) else None  # ms
         out.append({**row, "fwd+bwd ms": f"{r['ms']:.2f}",
                     "vs fastest MLE peer": f"{fastest / r['ms']:.2f}x" if fastest else "",
                     "FLOP-bound ms": "" if floor is None else f"{floor:.2f}",
@@ -201,6 +236,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    parser.add_argument("--logits-shape", default="llama3-8b", help="shapes of the logits-path rows ('' for none)")
     parser.add_argument("--blocks", default="", help="fused tile shapes to time MLE with besides the default, "
                         "'m,c,h[,warps,stages]' separated by ';' (profiling)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -217,6 +253,10 @@ def main(argv=None) -> None:
         rows += table_rows(shape, shape_rows, bound, flops, peak)
         notes.append(f"{shape} (rows, N, H, V) = {SHAPES[shape]}: K = {k:.0f} distinct label ids per row, "
                      f"lower bound {bound / 2 ** 30:.2f} GiB")
+    for shape in filter(None, args.logits_shape.split(",")):
+        logit_rows, bound = run_logits(shape, device, dtype, args.repeats)
+        rows += table_rows(f"{shape} logits", logit_rows, bound, {}, peak)
+        notes.append(f"{shape} logits: the (rows, N, V) logits given, bound = their gradient, {bound / 2 ** 30:.2f} GiB")
     notes.append(f"FLOP bound at {peak:g} dense bf16 TFLOPS" if peak else "no FLOP bound (peak unknown)")
     publish(f"Device: {name}, torch {torch.__version__}, {dtype}; median of {args.repeats} interleaved rounds after warm-up. "
             + "; ".join(notes) + ".", rows, args.markdown)

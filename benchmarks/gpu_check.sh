@@ -111,7 +111,9 @@ stage_tests() {
 }
 
 stage_bench() {
-  "$PYTHON" benchmarks/bench_gpu.py "${BENCH_ARGS[@]}" --markdown "$OUT/bench_gpu.md"
+  local extra=()
+  [ "$TINY" = 1 ] && extra=(--logits-shape tiny)
+  "$PYTHON" benchmarks/bench_gpu.py "${BENCH_ARGS[@]}" "${extra[@]}" --markdown "$OUT/bench_gpu.md"
 }
 
 stage_train() {

@@ -18,11 +18,13 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 def test_bench_gpu_prints_every_provider(monkeypatch, capsys, tmp_path):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import bench_gpu
-    bench_gpu.main(["--shape", "tiny", "--device", "cpu", "--repeats", "1", "--markdown", str(tmp_path / "t.md")])
+    bench_gpu.main(["--shape", "tiny", "--logits-shape", "tiny", "--device", "cpu", "--repeats", "1",
+                    "--markdown", str(tmp_path / "t.md")])
     text = capsys.readouterr().out
-    for provider in bench_gpu.providers():
+    for provider in [*bench_gpu.providers(), *bench_gpu.logits_providers()]:
         objective, name = provider.split("/")
         assert f"| {objective}" in text and name in text
+    assert "| tiny logits" in text
     assert (tmp_path / "t.md").read_text().strip() == text.strip()
     sys.modules.pop("bench_gpu", None)
 
