@@ -127,8 +127,9 @@ class ObjectiveOptions(LogitsOptions, MemberOptions, total=False):
 class LinearOptions(CommonOptions, MemberOptions, total=False):
     """The keywords of ``seqloss.linear_loss``: its ``weight`` is the head, so class weights are
     ``class_weight=``; and ``exact_accumulation=False``: with bf16/fp16 inputs the Triton engine
-    accumulates the hidden and weight gradients in that dtype, each tile's fp32 sum rounded as it
-    is added (Cut Cross-Entropy's default: no fp32 buffer of the head's size); ``True`` accumulates
+    accumulates the hidden and weight gradients in that dtype where the GPU adds it atomically in
+    hardware (bf16 from Hopper, sm_90), each tile's fp32 sum rounded as it is added (Cut
+    Cross-Entropy's default: no fp32 buffer of the head's size); ``True`` accumulates
     in fp32 and rounds once, at the cost of an fp32 buffer of each gradient (3× the bf16 weight
     gradient's memory while it lives) and a cast. The torch engine always accumulates in fp32."""
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from seqloss._validate import check_logits_call
-from seqloss.kernels.parts import _bitmap, blocks_for, combine, full_part, list_part, parts_of, slot_values
+from seqloss.kernels.parts import _bitmap, accumulator_dtype, blocks_for, combine, full_part, list_part, parts_of, slot_values
 from seqloss.plan import plan_of
 from tests.conftest import make_labels
 
@@ -86,3 +86,16 @@ def test_fused_blocks_follow_the_profiling_variable(monkeypatch):
             blocks_for(part, 5000, fused=True, device=torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter's small tiles whatever is asked
     assert blocks_for(part, 5000, fused=True, device=torch.device("cpu")).m == 16
+
+
+@pytest.mark.parametrize("dtype, capability, exact, expected", [
+    (torch.bfloat16, (9, 0), False, torch.bfloat16),  # Hopper: bf16 atomics in hardware
+    (torch.bfloat16, (8, 0), False, torch.float32),   # Ampere: they would be compare-and-swap loops
+    (torch.float16, (8, 0), False, torch.float16),
+    (torch.bfloat16, (9, 0), True, torch.float32),    # exact_accumulation
+    (torch.float32, (9, 0), False, torch.float32),
+])
+def test_the_fused_head_accumulates_where_the_gpu_adds_in_hardware(monkeypatch, dtype, capability, exact, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert accumulator_dtype(dtype, torch.device("cuda"), exact) == expected
+    assert accumulator_dtype(dtype, torch.device("cpu"), exact) == (torch.float32 if exact else dtype)  # interpreter

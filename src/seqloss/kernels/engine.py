@@ -23,7 +23,7 @@ from ..grouped import list_part
 from ..plan import Engine, EngineOutput, Inputs, Need, Plan
 from ..token_math import PositionSums, TokenTerms
 from . import support_ce as kern
-from .parts import Blocks, Part, blocks_for, combine, full_part, interpreting, parts_of, slot_values
+from .parts import Blocks, Part, accumulator_dtype, blocks_for, combine, full_part, interpreting, parts_of, slot_values
 
 
 @dataclass
@@ -198,15 +198,15 @@ def linear_forward(inputs: Inputs, plan: Plan, need: Need, dtype: torch.dtype,
     Σ weights·loss when ``weights`` (B, N) are given (backward's recompute).
 
     Full parts run on the kernels; list parts as grouped matrix products (``grouped.py``). The
-    hidden and weight gradients accumulate in the compute dtype (bf16/fp16: no fp32 buffer of the
-    head's size, each tile's sum rounded as it is added, as Cut Cross-Entropy's default), or in
-    fp32, rounded once at the end, with ``plan.exact``."""
+    hidden and weight gradients accumulate in the compute dtype where the GPU has its atomics
+    (bf16/fp16: no fp32 buffer of the head's size, each tile's sum rounded as it is added, as Cut
+    Cross-Entropy's default), else — and with ``plan.exact`` — in fp32, rounded once at the end."""
     hidden, weight, bias = in_compute_dtype(inputs, dtype)
     assert weight is not None
     B, N, H = hidden.shape
     V = weight.shape[0]
     w_all = weights if weights is not None else plan.coef if any(need) else None
-    accumulate = torch.float32 if plan.exact else dtype
+    accumulate = accumulator_dtype(dtype, hidden.device, plan.exact)
     grads = Grads.allocate(B * N, H, V, hidden.device, w_all is not None, need, accumulate)
     if grads.want_weight:  # the kernels add into it from the start
         grads.weight_buffer(hidden.device)

@@ -80,6 +80,20 @@ def fused_override() -> Optional[tuple[int, ...]]:
     return values
 
 
+def accumulator_dtype(dtype: torch.dtype, device: torch.device, exact: bool) -> torch.dtype:
+    """The dtype the fused head's hidden and weight gradients accumulate in: the compute dtype where
+    the GPU adds it atomically in hardware (bf16 from sm_90, fp16 from sm_70) and under the
+    interpreter; fp32 with ``exact``, for fp32 inputs, and where the atomics would be compare-and-swap
+    loops (bf16 before Hopper)."""
+    if exact or dtype == torch.float32:
+        return torch.float32
+    if device.type == "cuda":
+        native = (9, 0) if dtype == torch.bfloat16 else (7, 0)
+        if torch.cuda.get_device_capability(device) < native:
+            return torch.float32
+    return dtype
+
+
 def blocks_for(part: Part, columns: int, fused: bool, device: torch.device) -> Blocks:
     """Tile sizes for a part. Under the interpreter: small tiles and two splits, so that tests at
     small shapes go through every loop and the split merge. On a GPU: tensor-core tiles for the
