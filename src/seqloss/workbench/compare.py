@@ -90,7 +90,7 @@ def compare(out_dir: Path, settings: Optional[CompareSettings] = None, cache_dir
     else:
         print(f"stage 1: training a captioner with MLE ({settings.stage1.steps} steps) → {stage1_dir}")
         train(new_captioner(tokenizer, settings.image_size, settings.seed, images=images), images, captions,
-              settings.stage1, stage1_dir, progress=progress)
+              settings.stage1, stage1_dir, progress=progress, scenes=training.scenes)
 
     evaluation = EvalSet.from_examples(test_set)
     results: dict[str, dict[str, Any]] = {}
