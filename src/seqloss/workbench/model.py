@@ -95,6 +95,7 @@ def small_blip_config(tokenizer: Any, image_size: int = IMAGE_SIZE):
       forced, it chose an object's position word at chance, 0.21 of five, after 4,500 steps). Without
       them, 2 of 4 initialisations learned to bind position to object (0.76-0.79 within 6,000 steps);
       the other 2 learned only which cells hold objects (0.38-0.40, as guessing among them gives).
+      Stage 1 of ``compare`` now guides the cross-attention to each object's cell (``grounding.py``).
     """
     text = dict(vocab_size=len(tokenizer), hidden_size=192, num_hidden_layers=2, num_attention_heads=4,
                 intermediate_size=384, max_position_embeddings=40, hidden_dropout_prob=0.0,
