@@ -35,3 +35,15 @@ def test_user_records_have_no_scene_truth_and_keep_their_names(tmp_path):
 def test_load_images_names_the_missing_file(tmp_path):
     with pytest.raises(ValueError, match="nope.png"):
         load_images([tmp_path / "nope.png"])
+
+
+def test_seqloss_evaluate_on_scenes_prints_the_position_probe(tmp_path, capsys):
+    """The teacher-forced grounding probe (probe.py) is one of the metrics ``seqloss evaluate`` prints."""
+    import json
+
+    from seqloss.cli import main
+    new_captioner(scene_tokenizer()).save(tmp_path / "model")
+    main(["evaluate", "--model", str(tmp_path / "model"), "--images", "12", "--beams", "1"])
+    printed = capsys.readouterr().out
+    metrics = json.loads(printed[printed.index("{"):printed.rindex("}") + 1])
+    assert 0.0 <= metrics["position_accuracy"] <= 1.0

@@ -88,9 +88,11 @@ def compare(out_dir: Path, settings: Optional[CompareSettings] = None, cache_dir
     if (stage1_dir / "model" / "config.json").is_file():
         print(f"stage 1: reusing the MLE captioner cached in {stage1_dir}")
     else:
-        print(f"stage 1: training a captioner with MLE ({settings.stage1.steps} steps) → {stage1_dir}")
+        guided = (f", cross-attention guided to each object's cell, weight {settings.stage1.attention_grounding:g}"
+                  if training.scenes is not None and settings.stage1.attention_grounding > 0 else "")
+        print(f"stage 1: training a captioner with MLE ({settings.stage1.steps} steps{guided}) → {stage1_dir}")
         train(new_captioner(tokenizer, settings.image_size, settings.seed, images=images), images, captions,
-              settings.stage1, stage1_dir, progress=progress)
+              settings.stage1, stage1_dir, progress=progress, scenes=training.scenes)
 
     evaluation = EvalSet.from_examples(test_set)
     results: dict[str, dict[str, Any]] = {}

@@ -46,13 +46,18 @@ class Captioner:
     def encode(self, captions: Sequence[str], max_length: int = 32) -> dict[str, torch.Tensor]:
         """Captions → input_ids, attention_mask and labels (padding → -100), BLIP's decoder convention:
         the first id is the decoder's BOS, the caption ends with [SEP]."""
-        batch = self.tokenizer(list(captions), padding=True, truncation=True, max_length=max_length,
-                               return_tensors="pt")
+        batch = self.tokenize(captions, max_length)
         input_ids = batch["input_ids"].clone()
         input_ids[:, 0] = self.model.config.text_config.bos_token_id
         attention_mask = batch["attention_mask"]
         return dict(input_ids=input_ids, attention_mask=attention_mask,
                     labels=input_ids.masked_fill(attention_mask == 0, -100))
+
+    def tokenize(self, captions: Sequence[str], max_length: int = 32) -> Any:
+        """The tokenizer's ``BatchEncoding`` of ``captions``, padded and truncated as ``encode`` does
+        (its ``word_ids`` map tokens back to words)."""
+        return self.tokenizer(list(captions), padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt")
 
     @torch.no_grad()
     def caption(self, images: Sequence[Any], *, num_beams: int = 3, top_p: Optional[float] = None,
@@ -90,6 +95,7 @@ def small_blip_config(tokenizer: Any, image_size: int = IMAGE_SIZE):
       forced, it chose an object's position word at chance, 0.21 of five, after 4,500 steps). Without
       them, 2 of 4 initialisations learned to bind position to object (0.76-0.79 within 6,000 steps);
       the other 2 learned only which cells hold objects (0.38-0.40, as guessing among them gives).
+      Stage 1 of ``compare`` now guides the cross-attention to each object's cell (``grounding.py``).
     """
     text = dict(vocab_size=len(tokenizer), hidden_size=192, num_hidden_layers=2, num_attention_heads=4,
                 intermediate_size=384, max_position_embeddings=40, hidden_dropout_prob=0.0,

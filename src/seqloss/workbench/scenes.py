@@ -58,7 +58,8 @@ MAX_OBJECTS = 3
 
 _RGB = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
         "yellow": (225, 195, 0), "purple": (140, 40, 180), "orange": (245, 125, 0)}
-_CELL = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2), "center": (1, 1)}  # (col, row)
+# The grid cell (col, row) that each position word names (also where grounding.py looks in the image).
+CELLS = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2), "center": (1, 1)}
 _RADIUS = {"small": 0.2, "large": 0.4}  # half-extent as a fraction of a cell: large = 2x small
 _BACKGROUND = 245  # near-white, so "on a white background" is true
 _SUPERSAMPLE = 4   # draw 4x larger and downsample: anti-aliased edges keep small shapes legible
@@ -148,7 +149,7 @@ def draw(scene: Scene, image_size: int = IMAGE_SIZE, rng: Optional[random.Random
     for obj in scene.objects:
         r = _RADIUS[obj.size] * cell
         slack = max(0.0, cell / 2 - r - 0.05 * cell)  # keep a margin to the cell border
-        col, row = _CELL[obj.position]
+        col, row = CELLS[obj.position]
         cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
         if rng is not None:
             cx, cy = cx + rng.uniform(-slack, slack), cy + rng.uniform(-slack, slack)

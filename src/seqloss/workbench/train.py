@@ -14,8 +14,10 @@ import torch
 import transformers
 
 from .. import hf
+from .grounding import GroundedTrainer, token_cells, word_cells
 from .model import Captioner
 from .objectives import check, loss_options, row_candidates
+from .scenes import Scene
 from .settings import TrainSettings
 from .tokenizer import end_of_caption_id
 
@@ -23,30 +25,40 @@ from .tokenizer import end_of_caption_id
 class CaptionPairs(torch.utils.data.Dataset):
     """Every (image, caption) pair: an image with five captions gives five training examples.
 
-    Pixels are computed once up front (the images are small), captions are tokenised per batch.
+    Pixels are computed once up front (the images are small), captions are tokenised per batch. With
+    ``scenes`` (one per image) each caption also carries its words' grounding targets
+    (``grounding.word_cells``: which image token each word is about); without, ``None``.
     """
 
-    def __init__(self, captioner: Captioner, images: Sequence[Any], captions: Sequence[Sequence[str]]) -> None:
+    def __init__(self, captioner: Captioner, images: Sequence[Any], captions: Sequence[Sequence[str]],
+                 scenes: Optional[Sequence[Scene]] = None, target_words: str = "position") -> None:
         self.pixels = captioner.pixels(images) if len(images) else torch.empty(0)
         self.pairs: list[tuple[int, str]] = [(i, c) for i, cs in enumerate(captions) for c in cs]
+        self.cells: list[Optional[list[int]]] = (
+            [None] * len(self.pairs) if scenes is None
+            else [word_cells(c, scenes[i], target_words) for i, c in self.pairs])
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, Optional[list[int]]]:
         image, caption = self.pairs[index]
-        return self.pixels[image], caption
+        return self.pixels[image], caption, self.cells[index]
 
 
 class CaptionCollator:
-    """(pixels, caption) items → a BLIP training batch."""
+    """(pixels, caption, word targets or None) items → a BLIP training batch; ``cell_targets`` (B, N)
+    is added when some caption of the batch has grounding targets (``GroundedTrainer`` pops it)."""
 
     def __init__(self, captioner: Captioner) -> None:
         self.captioner = captioner
 
-    def __call__(self, items: list[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
-        pixels, captions = zip(*items)
-        return dict(pixel_values=torch.stack(pixels), **self.captioner.encode(captions))
+    def __call__(self, items: list[tuple[torch.Tensor, str, Optional[list[int]]]]) -> dict[str, torch.Tensor]:
+        pixels, captions, cells = zip(*items)
+        batch = self.captioner.encode(captions)
+        if any(c is not None for c in cells):
+            batch["cell_targets"] = token_cells(self.captioner.tokenize(captions), cells)
+        return dict(pixel_values=torch.stack(pixels), **batch)
 
 
 def _training_arguments(out_dir: Path, settings: TrainSettings, progress: bool):
@@ -69,17 +81,21 @@ def last_checkpoint(out_dir: Path) -> Optional[str]:
 
 
 def train(captioner: Captioner, images: Sequence[Any], captions: Sequence[Sequence[str]], settings: TrainSettings,
-          out_dir: Path, *, resume: bool = False, progress: bool = True, callbacks: Sequence[Any] = ()
-          ) -> dict[str, Any]:
+          out_dir: Path, *, resume: bool = False, progress: bool = True, callbacks: Sequence[Any] = (),
+          scenes: Optional[Sequence[Scene]] = None) -> dict[str, Any]:
     """Train ``captioner`` in place with ``settings.objective`` and its options (those the objective
     takes; selective EOS ends captions where the captioner's tokenizer does); save it to ``out_dir/model``.
+
+    ``scenes`` (the images' truth) with ``settings.attention_grounding > 0`` adds that weight times the
+    cross-attention grounding loss (``grounding.py``) to the objective's; without scenes there is none.
 
     With ``resume=True`` the run continues from the last checkpoint in ``out_dir`` (optimizer,
     scheduler, RNG and data order included). ``callbacks`` are ``transformers.TrainerCallback``s.
     Returns the Trainer's log history and the number of optimiser steps taken.
     """
     out_dir = Path(out_dir)
-    pairs = CaptionPairs(captioner, images, captions)
+    grounded = scenes is not None and settings.attention_grounding > 0
+    pairs = CaptionPairs(captioner, images, captions, scenes if grounded else None, settings.grounding_words)
     options = loss_options(settings.objective, settings.objective_options, end_of_caption_id(captioner.tokenizer))
     check(settings.objective, options, captioner.model.config.text_config.vocab_size)
     options, full_batches = row_candidates(options, settings.batch_size)
@@ -90,8 +106,10 @@ def train(captioner: Captioner, images: Sequence[Any], captions: Sequence[Sequen
     args.dataloader_drop_last = full_batches  # each batch has the rows the candidate lists were repeated for
     hf.patch(captioner.model, settings.objective, **options)
     try:  # unpatched on every way out, an exception in a callback or a Ctrl-C included
-        trainer = transformers.Trainer(model=captioner.model, args=args, train_dataset=pairs,
-                                       data_collator=CaptionCollator(captioner), callbacks=list(callbacks))
+        common = dict(model=captioner.model, args=args, train_dataset=pairs, data_collator=CaptionCollator(captioner),
+                      callbacks=list(callbacks))
+        trainer = (GroundedTrainer(weight=settings.attention_grounding, **common) if grounded
+                   else transformers.Trainer(**common))
         checkpoint = last_checkpoint(out_dir) if resume else None
         if resume and checkpoint is None:
             print(f"no checkpoint under {out_dir / 'checkpoints'}: starting from the beginning")
