@@ -5,7 +5,16 @@ import pytest
 import torch
 
 from seqloss._validate import check_logits_call
-from seqloss.kernels.parts import _bitmap, accumulator_dtype, blocks_for, combine, full_part, list_part, parts_of, slot_values
+from seqloss.kernels.parts import (
+    _bitmap,
+    accumulator_dtype,
+    blocks_for,
+    combine,
+    full_part,
+    list_part,
+    parts_of,
+    slot_values,
+)
 from seqloss.plan import plan_of
 from tests.conftest import make_labels
 
