@@ -79,6 +79,10 @@ def test_module_options_are_validated_at_construction():
         seqloss.SampledSoftmaxLoss(4, sampler="zipf")
     with pytest.raises(TypeError, match="class_weight"):
         seqloss.CrossEntropyLoss(weight=torch.ones(V), class_weight=torch.ones(V))
+    with pytest.raises(TypeError, match="exact_accumulation is LinearLoss's"):
+        seqloss.SmileLoss(exact_accumulation=True)
+    with pytest.raises(TypeError, match="exact_accumulation must be a bool"):
+        seqloss.LinearLoss("smile", exact_accumulation=1)
 
 
 def test_module_class_weights_and_per_call_ids_are_checked_at_the_call():

@@ -21,6 +21,8 @@ def _checked(objective: Any, options: dict[str, Any], class_weights_as: str) -> 
     if class_weights_as != "class_weight":
         if "class_weight" in as_checked:
             raise TypeError(f"pass class weights once, as {class_weights_as}=; class_weight= is LinearLoss's")
+        if "exact_accumulation" in as_checked:
+            raise TypeError("exact_accumulation is LinearLoss's: the losses on logits accumulate nothing")
         as_checked["class_weight"] = as_checked.pop(class_weights_as, None)
     check_options(objective, as_checked)
     return options

@@ -179,6 +179,8 @@ def test_fused_is_refused_when_the_head_output_is_transformed():
     (dict(objective="smile", exclude_ids=(10_000,)), ValueError, "exclude_ids"),
     (dict(objective="smile", fused="yes"), TypeError, "fused"),
     (dict(objective="smile", bogus=1), TypeError, "bogus"),
+    (dict(objective="smile", exact_accumulation=True), TypeError, "fused head"),
+    (dict(objective="smile", fused=True, exact_accumulation="yes"), TypeError, "exact_accumulation"),
 ])
 def test_bad_patch_arguments_fail_at_patch_time(bad, error, word):
     model = gpt2()

@@ -291,6 +291,8 @@ def patch(model: Any, objective: Any = "smile", fused: bool = False, **options: 
     family = family_of(model)
     if fused:
         check_fusable(model, family)
+    elif "exact_accumulation" in options:
+        raise TypeError("exact_accumulation is an option of the fused head: pass fused=True with it")
     _check_options(model, objective, options)
     unpatch(model)
     # A forward already set on the instance (TRL's fused log-probability head) stays underneath ours.
