@@ -5,6 +5,7 @@ and progress bars, checkpoints and ``--resume`` come from there.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,8 +119,19 @@ def train(captioner: Captioner, images: Sequence[Any], captions: Sequence[Sequen
         hf.unpatch(captioner.model)
     if trainer.is_world_process_zero():
         captioner.save(out_dir / "model")
+    if _world_size() > 1:
+        atexit.register(_close_process_group)
     return {"log_history": trainer.state.log_history, "global_step": trainer.state.global_step,
             "world_size": _world_size()}
+
+
+def _close_process_group() -> None:
+    """At exit of a torchrun / accelerate rank: end the process group the Trainer opened, so that its
+    gloo threads are joined before the interpreter goes (a rank that left them running could abort
+    with "terminate called without an active exception" while another rank was still saving)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _world_size() -> int:
