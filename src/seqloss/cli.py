@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from .cli_options import add_data_options, add_decoding, add_objective_options
 from .workbench.settings import BENCH_SHAPES, CompareSettings  # plain data: nothing heavy is imported
 
 DESCRIPTION = """Train captioners with the right objective and see what the objective does.
@@ -227,68 +228,6 @@ def cmd_bench(args) -> None:
 
 # --- the parser ------------------------------------------------------------------------------------
 
-def _ids(text: str) -> list[int]:
-    """'0,3 7' -> [0, 3, 7]."""
-    try:
-        return [int(part) for part in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected token ids (integers), got {text!r}") from None
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
-
-
-
-
-def _data_options(q: argparse.ArgumentParser, images: Optional[int]) -> None:
-    g = q.add_argument_group("data")
-    g.add_argument("--data", default="scenes", metavar="PATH",
-                   help="'scenes' (generated, the default), an image folder with metadata.jsonl (file_name, text), "
-                        "a BLIP caption JSON file ([{\"image\", \"caption\"}]) or a COCO captions JSON file "
-                        "(images + annotations)")
-    g.add_argument("--image-root", metavar="DIR", help="where the images of a JSON file are (default: its folder)")
-    g.add_argument("--eval-fraction", type=_fraction, metavar="F",
-                   help="your data: the fraction of its images held out for evaluation, chosen by image from "
-                        "--split-seed (default: 0.1; 0 keeps none)")
-    g.add_argument("--eval-data", metavar="PATH",
-                   help="your data: held-out images from here instead (same formats); training then uses all of --data")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split (default: %(default)s)")
-    g.add_argument("--skip-bad", action="store_true",
-                   help="skip bad entries of your data (missing images, empty captions, ...) and count them, "
-                        "instead of stopping at the first")
-    if images is not None:
-        g.add_argument("--images", type=int, default=images, help="scenes: how many to generate (default: %(default)s)")
-
-
-def _objective_options(q: argparse.ArgumentParser) -> None:
-    g = q.add_argument_group("objective options (each goes to the objectives that take it)")
-    g.add_argument("--eos-token-id", type=int, metavar="ID",
-                   help="selective_eos: the end-of-caption id left out of the softmax except where it is the label "
-                        "(default: the id that ends a caption, the tokenizer's [SEP] as in BLIP)")
-    g.add_argument("--exclude-ids", type=_ids, nargs="+", metavar="IDS",
-                   help="ids left out of the support, e.g. '0 5': exclude_ids of smile, random_subset and "
-                        "reverse_subset; subset's exclude (the same ids for every caption)")
-    g.add_argument("--include-ids", type=_ids, nargs="+", metavar="IDS",
-                   help="subset: the candidate ids of every caption (each position's label is always added)")
-    g.add_argument("--num-samples", type=int, metavar="K", help="random_subset: ids drawn per position (default: 10)")
-    g.add_argument("--first-token-mle", action=argparse.BooleanOptionalAction, default=None,
-                   help="smile: score the first word over the whole vocabulary (default: on)")
-    g.add_argument("--label-smoothing", type=float, metavar="EPS",
-                   help="spread over each position's support (default: the model's own; 0 for a new model)")
-
-
-def _decoding(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--beams", type=int, default=3, help="beam search width (default: %(default)s)")
-    q.add_argument("--top-p", type=float, default=None, help="nucleus sampling instead of beam search")
-
-
 def parser() -> argparse.ArgumentParser:
     debug: dict[str, Any] = dict(action="store_true", help="show the traceback of an error instead of one line")
     p = argparse.ArgumentParser(prog="seqloss", description=DESCRIPTION,
@@ -314,8 +253,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--save-steps", type=int, default=100)
     q.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     q.add_argument("--seed", type=int, default=0, help="model initialisation, data order and scenes")
-    _objective_options(q)
-    _data_options(q, images=1000)
+    add_objective_options(q)
+    add_data_options(q, images=1000)
 
     q = command("evaluate", cmd_evaluate, "caption held-out images and score them")
     q.add_argument("--model", required=True)
@@ -323,13 +262,13 @@ def parser() -> argparse.ArgumentParser:
                                  "and the page to look at them to the same name with .html")
     q.add_argument("--seed", type=int, default=10_000,
                    help="scenes: the seed of the held-out scenes (default: %(default)s)")
-    _data_options(q, images=100)
-    _decoding(q)
+    add_data_options(q, images=100)
+    add_decoding(q)
 
     q = command("caption", cmd_caption, "caption images with a trained model")
     q.add_argument("--model", required=True)
     q.add_argument("images", nargs="+", help="image files")
-    _decoding(q)
+    add_decoding(q)
 
     q = command("compare", cmd_compare, "fine-tune one captioner with each objective and compare them")
     defaults = CompareSettings()  # the embedded settings, shown in --help
@@ -351,8 +290,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the captioner's initialisation, the data order and the scenes " + default(defaults.seed))
     q.add_argument("--cache-dir", help="where stage 1 is cached (default: ~/.cache/seqloss)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
-    _objective_options(q)
-    _data_options(q, images=None)
+    add_objective_options(q)
+    add_data_options(q, images=None)
 
     q = command("explain", cmd_explain, "per-token loss of a caption under MLE and SMILE, as a bar chart")
     q.add_argument("--model", required=True)

@@ -239,10 +239,9 @@ def sampled_softmax_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, num_
 
     ``share_negatives=True`` draws one set of K negatives per call, shared by every position (one
     (T, K) matmul); ``False`` draws K per supervised position (T·K rows gathered: T·K·H memory).
-    Takes the common keywords (``shift``, ``ignore_index``, ``label_smoothing`` over the support,
-    ``reduction``, ``num_items_in_batch``, ``position_ids`` (the shift stops at each packed example's
-    end), ``token_weights``, ``impl``: ``"reference"`` is the dense formula on full logits, for the
-    same draws). The loss is fp32; ``generator`` makes the draws reproducible (under
+    Takes the keywords every loss takes (``seqloss.call.BaseOptions``; smoothing spreads over the
+    sampled support, packed examples end the shift; ``impl="reference"`` is the dense formula on
+    full logits, for the same draws). The loss is fp32; ``generator`` makes the draws reproducible (under
     ``torch.compile`` pass None: the draws then come from the global RNG).
     """
     call = check_sampled_call(hidden, weight, labels, num_negatives=num_negatives, sampler=sampler,

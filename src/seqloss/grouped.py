@@ -94,13 +94,12 @@ def _label_dots(h: Tensor, w_y: Tensor) -> Tensor:
 
 
 def list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, alpha: float, ids: Tensor,
-              positions: Tensor, w_all: Optional[Tensor], sums: PositionSums, grads: Grads,
-              low_precision: Optional[bool] = None) -> None:
+              positions: Tensor, w_all: Optional[Tensor], sums: PositionSums, grads: Grads) -> None:
     """Positions whose support is the label plus ``ids``: losses into ``sums``, and (given the
-    weights ``w_all`` (B, N)) the gradients of Σ alpha·w·loss into ``grads``. ``low_precision``:
-    run the products in the inputs' dtype (default: ``low_precision_products``)."""
+    weights ``w_all`` (B, N)) the gradients of Σ alpha·w·loss into ``grads``; the products in the
+    inputs' dtype where ``low_precision_products`` says so, else in fp32."""
     H = hidden.shape[-1]
-    fast = low_precision_products(hidden) if low_precision is None else low_precision
+    fast = low_precision_products(hidden)
     ids_g, slots, batch_rows = groups(ids, hidden, plan, positions)
     G, K = ids_g.shape
     h_flat, y_flat, on_flat = hidden.reshape(-1, H), plan.labels.reshape(-1), positions.reshape(-1)
