@@ -204,14 +204,17 @@ def run(fn, tensors: list[Optional[Tensor]], labels: Tensor, grad_seed: int, **k
     """``fn(*leaves, labels, **kwargs)`` on fresh leaves (None stays None), then backward with a
     seeded random grad_output of the loss's shape. Unless the reduction is a mean, grad_output is
     divided by the number of supervised labels, so that gradients keep a mean's scale, the one the
-    low-precision criterion's absolute slack is made for."""
+    low-precision criterion's absolute slack is made for; so is a summed loss (``sum``, ``sequence``)
+    in ``Run.loss``: its rounding errors add up over the terms, as a mean's average out."""
     leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
     out = fn(*leaves, labels, **kwargs)
     loss = out.loss if kwargs.get("return_stats") else out
-    scale = 1.0 if kwargs.get("reduction", "mean") == "mean" else 1.0 / max(int((labels != -100).sum()), 1)
+    reduction = kwargs.get("reduction", "mean")
+    scale = 1.0 if reduction == "mean" else 1.0 / max(int((labels != -100).sum()), 1)
     grad_output = torch.randn(loss.shape, generator=generator(grad_seed)) * scale
     loss.backward(grad_output.to(loss.device))
-    return Run(out, loss.detach().float(), [t.grad for t in leaves if t is not None])
+    summed = scale if reduction in ("sum", "sequence") else 1.0
+    return Run(out, loss.detach().float() * summed, [t.grad for t in leaves if t is not None])
 
 
 def compare(fast: Run, naive: Run, truth: Run, dtype: torch.dtype, fused: bool, where: str,
@@ -236,16 +239,28 @@ def compare(fast: Run, naive: Run, truth: Run, dtype: torch.dtype, fused: bool, 
                              relative=ACCUMULATED if accumulated else 0.0)
 
 
-def compare_stats(fast: Any, exact: Any, truth: Any, naive: Any, dtype: torch.dtype, where: str) -> None:
-    """z-loss like the loss; predicted ids against the spec on the same (rounded) inputs in fp32:
-    all but near-ties agree."""
+def compare_stats(fast: Any, exact: Any, truth: Any, naive: Any, dtype: torch.dtype, where: str,
+                  scores: Tensor) -> None:
+    """z-loss like the loss; predicted ids against the spec on the same (rounded) inputs in fp32,
+    whose logits are ``scores`` (B, N, V): where they differ, the two ids are a near-tie — their
+    logits within what the compute dtype resolves (2^-7 of their size: an engine may compare logits
+    rounded to bf16/fp16), and nine positions in ten agree."""
     if dtype == torch.float32:
         torch.testing.assert_close(fast.z_loss.float(), truth.z_loss.float(), atol=1e-4, rtol=1e-4)
     else:
         assert_low_precision(fast.z_loss, naive.z_loss, truth.z_loss, dtype, what=f"{where} z-loss")
-    agree = (fast.predicted_ids == exact.predicted_ids).float().mean()
-    assert agree >= 0.99, f"{where}: predicted ids agree at {agree:.3f} of positions"
-    assert abs(float(fast.token_accuracy) - float(exact.token_accuracy)) <= 0.01, where
+    got, want = fast.predicted_ids, exact.predicted_ids
+    assert torch.equal(got < 0, want < 0), f"{where}: predicted ids where the spec has none, or none where it has"
+    differ = got != want
+    agree = 1.0 - differ.float().mean()
+    assert agree >= 0.9, f"{where}: predicted ids agree at {agree:.3f} of positions"
+    if differ.any():
+        top = scores[differ].gather(-1, want[differ].unsqueeze(-1)).squeeze(-1)
+        picked = scores[differ].gather(-1, got[differ].unsqueeze(-1)).squeeze(-1)
+        gap = (top - picked) - 2.0 ** -7 * top.abs()
+        assert gap.max() <= 1e-6, f"{where}: a predicted id's logit is {float(gap.max()):.3g} below the tie margin"
+    accuracy_gap = abs(float(fast.token_accuracy) - float(exact.token_accuracy))
+    assert accuracy_gap <= float(differ.float().mean()) + 1e-6, where
 
 
 @pytest.mark.parametrize("path, dtype, name, bundle_index", CASES)
@@ -279,8 +294,9 @@ def test_every_option_against_the_spec(setting, path, dtype, name, bundle_index)
 
     truth = call("reference", tensors)
     naive = truth if dtype == torch.float32 else call("reference", cast(dtype))
-    exact = truth if dtype == torch.float32 else call("reference", [None if t is None else t.to(dtype).float()
-                                                                     for t in tensors])
+    rounded = [None if t is None else t.to(dtype).float() for t in tensors]
+    exact = truth if dtype == torch.float32 else call("reference", rounded)
+    scores = rounded[0] if path == "logits" else torch.nn.functional.linear(*rounded)
     for impl in ("triton", "torch"):
         fast = call(impl, cast(dtype))
         where = f"{impl} {path} {DTYPE_IDS[dtype]} {name} {bundle_id(bundle)}"
@@ -289,7 +305,7 @@ def test_every_option_against_the_spec(setting, path, dtype, name, bundle_index)
             bundle, labels, V, path, seed).get("exact_accumulation", False)
         compare(fast, naive, truth, dtype, path == "fused", where, accumulated)
         if bundle.get("return_stats"):
-            compare_stats(fast.out, exact.out, truth.out, naive.out, dtype, where)
+            compare_stats(fast.out, exact.out, truth.out, naive.out, dtype, where, scores)
 
 
 # --- sampled softmax ---------------------------------------------------------------------------------

@@ -196,14 +196,16 @@ def _fused_causal_forward(model: Any, original_of: Callable, objective: Any, opt
 
 
 def _seq2seq_forward(model: Any, original_of: Callable, objective: Any, options: dict[str, Any]) -> Callable:
-    """T5/BART: decoder inputs from the labels as the model makes them, loss position by position."""
+    """T5/BART: decoder inputs from the labels as the model makes them (on the device of its input
+    embeddings, wherever the labels are), loss position by position."""
 
     def forward(model, *args, labels=None, return_dict=None, **kwargs):
         original = original_of(model)
         if labels is None:
             return original(*args, return_dict=return_dict, **kwargs)
         if kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None:
-            kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+            device = model.get_input_embeddings().weight.device
+            kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels.to(device))
         out = original(*args, return_dict=True, **kwargs)
         loss = functional.objective_loss(out.logits, labels.to(out.logits.device), objective, shift=False, **options)
         out = _replaced(out, loss=loss)
