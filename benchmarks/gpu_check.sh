@@ -7,16 +7,17 @@
 #   2. env      nvidia-smi and the versions of python, torch, triton, transformers, the peers
 #   3. bench    benchmarks/bench_gpu.py --repeats 5      (the fused head against the peers)
 #   4. train    benchmarks/bench_gpu_train.py --repeats 5 (a ~1B Llama's training step, each loss patched in)
-#   5. tests    the CUDA tests against the dense spec (TRITON_INTERPRET=0)
+#   5. profile  benchmarks/profile_gpu.py: SMILE's kernels and its host side (where the next work is)
+#   6. tests    the CUDA tests against the dense spec (TRITON_INTERPRET=0)
 # Everything goes to ${OUT:-gpu_check_out}: env.txt, pytest.log, bench.log, bench_gpu.md, bench_gpu_train.md,
-# summary.txt. Every stage runs under its own timeout; a failing stage does not stop the next ones, and
+# profile.txt, summary.txt. Every stage runs under its own timeout; a failing stage does not stop the next ones, and
 # the exit status is 1 if any failed.
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine, carrying benchmarks/wheels
 #   bash benchmarks/gpu_check.sh --tiny     # (or GPU_CHECK_TINY=1) the same on CPU: Triton's interpreter,
 #                                           # tiny shapes, a quick test selection (this script's own test)
 # Environment: PYTHON (default .venv/bin/python if present, else python3), OUT, GPU_CHECK_STAGES (a
-# comma-separated subset of install,env,tests,bench,train), GPU_CHECK_SITE (where wheels install,
+# comma-separated subset of install,env,tests,bench,train,profile), GPU_CHECK_SITE (where wheels install,
 # default /tmp/seqloss_gpu_site), GPU_CHECK_TIMEOUT_<STAGE> in seconds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,18 +40,20 @@ fi
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 SITE=${GPU_CHECK_SITE:-/tmp/seqloss_gpu_site}
-STAGES=${GPU_CHECK_STAGES:-install,env,tests,bench,train}
+STAGES=${GPU_CHECK_STAGES:-install,env,tests,bench,train,profile}
 WHEELS=$ROOT/benchmarks/wheels
 export GPU_CHECK_TINY=$TINY PYTHON OUT GPU_CHECK_SITE=$SITE PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$TINY" = 1 ]; then
   export TRITON_INTERPRET=1
   BENCH_ARGS=(--shape tiny --device cpu --repeats 1)
+  PROFILE_ARGS=(--shape tiny --device cpu --rows 5)
   TESTS=(tests/kernels/test_cuda.py -k "design or (interpreted and logits and fp32 and not stats)")
   DEFAULT_TIMEOUT=120
 else
   export TRITON_INTERPRET=0
   BENCH_ARGS=(--repeats 5)
+  PROFILE_ARGS=(--shape llama3-8b --rows 25)
   TESTS=(tests/kernels/test_cuda.py tests/kernels/test_cuda_autocast_compile.py
          tests/hf/test_patching.py::test_labels_on_another_device_follow_the_logits)
   DEFAULT_TIMEOUT=0  # each stage's own, below
@@ -120,8 +123,13 @@ stage_train() {
   "$PYTHON" benchmarks/bench_gpu_train.py "${BENCH_ARGS[@]}" --markdown "$OUT/bench_gpu_train.md"
 }
 
+stage_profile() {
+  "$PYTHON" benchmarks/profile_gpu.py "${PROFILE_ARGS[@]}" --profile "smile/seqloss triton" \
+    --cprofile "smile/seqloss triton"
+}
+
 if [ -n "$RUN_STAGE" ]; then
-  case $RUN_STAGE in env|install|tests|bench|train) "stage_$RUN_STAGE"; exit $? ;; esac
+  case $RUN_STAGE in env|install|tests|bench|train|profile) "stage_$RUN_STAGE"; exit $? ;; esac
   echo "gpu_check.sh: unknown stage $RUN_STAGE" >&2; exit 2
 fi
 
@@ -152,14 +160,15 @@ stage() {  # stage NAME DEFAULT_SECONDS LOG: run it under its timeout, its outpu
   [ "$status" = ok ] || tail -n 30 "$log"
 }
 
-rm -f "$OUT"/env.txt "$OUT"/pytest.log "$OUT"/bench.log "$OUT"/bench_gpu.md "$OUT"/bench_gpu_train.md
-# Worst case 8 minutes (every stage at its limit); expected well under that. The figures first: a
+rm -f "$OUT"/env.txt "$OUT"/pytest.log "$OUT"/bench.log "$OUT"/bench_gpu.md "$OUT"/bench_gpu_train.md "$OUT"/profile.txt
+# Worst case under 8 minutes (every stage at its limit); on an H200 about 4. The figures first: a
 # session whose device time runs out mid-way still brings the tables back.
 stage install 20 "$OUT/env.txt"
 stage env 20 "$OUT/env.txt"
-stage bench 140 "$OUT/bench.log"
-stage train 100 "$OUT/bench.log"
-stage tests 200 "$OUT/pytest.log"
+stage bench 120 "$OUT/bench.log"
+stage train 80 "$OUT/bench.log"
+stage profile 60 "$OUT/profile.txt"
+stage tests 180 "$OUT/pytest.log"
 
 for table in bench_gpu bench_gpu_train; do [ -f "$OUT/$table.md" ] && { echo; cat "$OUT/$table.md"; }; done
 grep -E "passed|failed|error" "$OUT/pytest.log" 2>/dev/null | tail -n 1

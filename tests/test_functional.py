@@ -169,16 +169,18 @@ def test_auto_matches_reference():
         assert_close_fp32(auto[1], ref[1], "backward")
 
 
-@pytest.mark.parametrize("fused, device, installed, expected", [
-    (True, "cuda", True, "triton"),   # the fused head on a GPU: the kernels
-    (False, "cuda", True, "torch"),   # the logits path: not yet timed against the torch engine on a GPU
-    (True, "cuda", False, "torch"),   # no Triton
-    (True, "cpu", True, "torch"),
+@pytest.mark.parametrize("path, device, installed, expected", [
+    ("linear", "cuda", True, "triton"),   # the fused head on a GPU: the kernels
+    ("logits", "cuda", True, "triton"),   # the logits path likewise
+    ("sampled", "cuda", True, "torch"),   # sampled softmax: no kernel
+    ("linear", "cuda", False, "torch"),   # no Triton
+    ("logits", "cpu", True, "torch"),
+    ("linear", "cpu", True, "torch"),
 ])
-def test_auto_picks_the_kernels_for_the_fused_head_on_cuda(monkeypatch, fused, device, installed, expected):
+def test_auto_picks_the_kernels_on_cuda(monkeypatch, path, device, installed, expected):
     monkeypatch.setattr(seqloss.dispatch.kernels, "unavailable_reason", lambda d: None if installed else "no Triton")
-    assert seqloss.dispatch.resolve_impl("auto", torch.device(device), fused=fused) == expected
-    assert seqloss.dispatch.resolve_impl("auto", torch.device(device), sharded=True, fused=fused) == "vocab_parallel"
+    assert seqloss.dispatch.resolve_impl("auto", torch.device(device), path=path) == expected
+    assert seqloss.dispatch.resolve_impl("auto", torch.device(device), sharded=True, path=path) == "vocab_parallel"
 
 
 def test_exact_accumulation_is_a_fused_head_bool():

@@ -49,3 +49,28 @@ def test_bmm32_gives_fp32_products(dtype):
     out = seqloss.grouped.bmm32(a, b)
     assert out.dtype == torch.float32 and out.shape == (2, 3, 5)
     torch.testing.assert_close(out, torch.bmm(a.float(), b.float()), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("name", LISTED + ("reverse_subset",))
+def test_the_gpu_layout_of_lists_gives_the_same_values(monkeypatch, name):
+    """On a GPU the lists are padded to aligned lengths and a listed label takes its gradient through
+    its column: forced here on CPU in fp32, loss and gradients stay those of the dense head."""
+    monkeypatch.setattr(seqloss.grouped, "list_multiple", lambda device: 8)
+    monkeypatch.setattr(seqloss.grouped, "fold_labels", lambda accumulator, device: True)
+    hidden, weight, bias, labels = _inputs(seed=22)
+
+    def run(path):
+        objective, options = variant(name, labels, weight.shape[0])
+        return run_head(path, hidden, weight, labels, bias, objective=objective, label_smoothing=0.1, **options)
+
+    want, got = run("logits"), run("torch")
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_lists_pad_to_a_multiple_with_pad_ids():
+    ids = torch.tensor([[3, 1, 4], [5, -1, -1]])
+    padded = seqloss.grouped.pad_lists(ids, 4)
+    assert padded.tolist() == [[3, 1, 4, -1], [5, -1, -1, -1]]
+    assert seqloss.grouped.pad_lists(padded, 4) is padded

@@ -221,6 +221,11 @@ class Grads:
         if self.hidden is not None:
             self.hidden.index_add_(0, index, rows.to(self.hidden.dtype))
 
+    def add_hidden_range(self, first: int, rows: Tensor) -> None:
+        """hidden[first:first + len(rows)] += rows."""
+        if self.hidden is not None:
+            self.hidden[first:first + rows.shape[0]].add_(rows.to(self.hidden.dtype))
+
     def results(self, inputs: Sequence[Optional[Tensor]]) -> GradTriple:
         """The (hidden, weight, bias) gradients, each in its input's dtype and shape (None where not
         computed). Not a view where the shapes agree: autograd adds a tied weight's other gradient in

@@ -95,18 +95,23 @@ TABLE: dict[tuple[str, str], Callable[..., Result]] = {
 }
 
 
+# The paths whose Triton kernels ``impl="auto"`` picks on a GPU.
+AUTO_TRITON_PATHS = ("logits", "linear")
+
+
 def resolve_impl(impl: str, device: torch.device, sharded: bool = False, split: bool = False,
-                 fused: bool = False) -> str:
+                 path: str = "logits") -> str:
     """``"auto"`` → a concrete impl; a named impl that cannot run here raises. On a vocabulary
     shard, ``"auto"`` and ``"torch"`` are ``"vocab_parallel"`` (the only engine that combines shards).
     On a sequence ``split`` over a context-parallel group, the dense spec cannot run (it scores whole
     sequences); every engine can.
 
-    ``"auto"`` is ``"triton"`` for the ``fused`` head on CUDA tensors where Triton is installed:
-    there its kernels are verified against the dense spec and faster than the torch engine (2.7× at
-    Llama-3's head on an H200, benchmarks/RESULTS.md; list supports run the same grouped products in
-    both). Everywhere else — CPU, and the logits path, whose Triton kernels are not yet timed against
-    the torch engine on a GPU — it is ``"torch"``.
+    ``"auto"`` is ``"triton"`` on CUDA tensors where Triton is installed, for the ``path``s whose
+    kernels are verified against the dense spec on a GPU and timed faster there than the torch engine
+    (``AUTO_TRITON_PATHS``; on an H200, benchmarks/RESULTS.md: the fused head's MLE 2.7× faster at
+    Llama-3's head, the logits path's 29×; list supports run the same grouped products in both fused
+    engines). Everywhere else — CPU, and sampled softmax, which has no kernel (its gathers are
+    already matrix products) — it is ``"torch"``.
     """
     if split and impl == "reference":
         raise ValueError("impl='reference' cannot run on a part of each sequence (context_parallel): it scores "
@@ -121,7 +126,8 @@ def resolve_impl(impl: str, device: torch.device, sharded: bool = False, split: 
         if reason is not None:
             raise ValueError(f"impl='triton' cannot run: {reason}; use impl='torch' or impl='auto'")
     if impl == "auto":
-        return "triton" if fused and device.type == "cuda" and kernels.unavailable_reason(device) is None else "torch"
+        kernels_here = device.type == "cuda" and kernels.unavailable_reason(device) is None
+        return "triton" if path in AUTO_TRITON_PATHS and kernels_here else "torch"
     return impl
 
 
@@ -140,7 +146,7 @@ def linear_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], call: Ca
     hidden, weight, bias = local(hidden), local(weight), local(bias)
     c = call.common
     impl = resolve_impl(c.impl, hidden.device, c.vocab_parallel is not None, c.context_parallel is not None,
-                        fused=True)
+                        path="linear")
     N = call.N if c.context_parallel is None else c.context_parallel.positions.numel()
     result = TABLE["linear", impl]((hidden.reshape(call.labels.shape[0], N, hidden.shape[-1]), weight, bias), call)
     return finish(result, call)
@@ -149,7 +155,7 @@ def linear_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], call: Ca
 def sampled_loss(hidden: Tensor, weight: Tensor, call: SampledCall) -> Tensor:
     """hidden (..., N, H) and the head of a validated sampled-softmax call → the loss. The negatives
     are drawn here, once, before the branch: every impl scores the same draws."""
-    impl = resolve_impl(call.common.impl, hidden.device)
+    impl = resolve_impl(call.common.impl, hidden.device, path="sampled")
     t = targets_of(call.labels, call.common, call.vocab_size)
     labels = torch.where(t.target_mask, t.labels, 0).reshape(-1)
     drawn = draw_negatives(call.sampler, call.num_negatives, call.vocab_size, labels, t.target_mask.reshape(-1),

@@ -17,18 +17,22 @@ is one product's sum, not many rounded additions.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 from torch import Tensor
 
 from ._buffers import Grads
+from .call import SoftmaxOptions
 from .plan import Plan, sequence_groups
-from .token_math import PositionSums, candidate_support, candidates
+from .token_math import PositionSums, TokenTerms, candidate_support, candidates
 
 # Gathered head rows per block of groups (groups × (K + M) × H elements).
 LIST_BLOCK_ELEMENTS = 1 << 24
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# On a GPU the lists are padded to a multiple of this many ids: the products' leading dimensions
+# then meet the tensor cores' 16-byte alignment (an odd K falls back to much slower kernels).
+GPU_LIST_MULTIPLE = 8
 
 
 def low_precision_products(x: Tensor) -> bool:
@@ -85,6 +89,23 @@ def groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor) -> tuple[
     return ids.reshape(B * N, ids.shape[-1]), index.reshape(B * N, 1), False
 
 
+def list_multiple(device: torch.device) -> int:
+    """What the lists' length is padded to a multiple of on ``device``."""
+    return GPU_LIST_MULTIPLE if device.type == "cuda" else 1
+
+
+def fold_labels(accumulator: torch.dtype, device: torch.device) -> bool:
+    """Whether a label found in its list takes its gradient through that id's column (see
+    ``_add_gradients``)."""
+    return accumulator != torch.float32 or device.type == "cuda"
+
+
+def pad_lists(ids: Tensor, multiple: int) -> Tensor:
+    """(G, K) PAD-padded lists → (G, K') with K' the next multiple of ``multiple`` (PAD = -1 added)."""
+    extra = -ids.shape[1] % multiple
+    return ids if extra == 0 else torch.nn.functional.pad(ids, (0, extra), value=-1)
+
+
 def _label_dots(h: Tensor, w_y: Tensor) -> Tensor:
     """Each position's label logit (g, M, 1) fp32 from its hidden row and its label's head row."""
     if h.dtype == torch.float32:
@@ -93,16 +114,52 @@ def _label_dots(h: Tensor, w_y: Tensor) -> Tensor:
     return bmm32(h.reshape(g * M, 1, H), w_y.reshape(g * M, H, 1)).reshape(g, M, 1)
 
 
+class CandidateRows(Protocol):
+    """The softmax over a block's candidates: ``torch_candidate_rows`` or the Triton engine's kernel."""
+
+    def __call__(self, z_list: Tensor, z_y: Tensor, listed: Tensor, y: Tensor, on: Tensor, bias: Optional[Tensor],
+                 w: Optional[Tensor], softmax: SoftmaxOptions, fold: bool,
+                 dtype: torch.dtype) -> tuple[TokenTerms, Optional[Tensor], Optional[Tensor]]: ...
+
+
+def torch_candidate_rows(z_list: Tensor, z_y: Tensor, listed: Tensor, y: Tensor, on: Tensor, bias: Optional[Tensor],
+                         w: Optional[Tensor], softmax: SoftmaxOptions, fold: bool,
+                         dtype: torch.dtype) -> tuple[TokenTerms, Optional[Tensor], Optional[Tensor]]:
+    """List logits ``z_list`` (g, M, K) fp32 and label logits ``z_y`` (g, M, 1) of positions ``on``
+    (g, M) with labels ``y`` (g, M, 1) and lists ``listed`` (g, K) → the terms (g, M, 1) and, given
+    the weights ``w`` (g, M, 1), the gradients of Σ w·loss w.r.t. the list logits (g, M, K), in
+    ``dtype``, and the label logits (g, M, 1) fp32. With ``fold`` a label found in its list takes its
+    gradient through that id's column (its label gradient is then 0)."""
+    M, K = z_list.shape[1], z_list.shape[2]
+    cand, valid = candidates(listed.unsqueeze(1).expand(-1, M, -1), y, on)     # (g, M, K+1)
+    z = torch.cat([z_list, z_y], dim=-1)
+    if bias is not None:
+        z = z + bias[cand].float()
+    terms, g = candidate_support(z, valid, w, softmax)
+    if g is None:
+        return terms, None, None
+    g_list, g_y = g[..., :K], g[..., K:]
+    if fold:
+        in_list = (listed.unsqueeze(1) == y) & (listed.unsqueeze(1) >= 0)      # (g, M, K), ids unique
+        g_list = g_list + g_y * in_list
+        g_y = g_y * ~in_list.any(-1, keepdim=True)                              # labels outside the list
+    return terms, g_list.to(dtype), g_y
+
+
 def list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, alpha: float, ids: Tensor,
-              positions: Tensor, w_all: Optional[Tensor], sums: PositionSums, grads: Grads) -> None:
+              positions: Tensor, w_all: Optional[Tensor], sums: PositionSums, grads: Grads,
+              rows: CandidateRows = torch_candidate_rows) -> None:
     """Positions whose support is the label plus ``ids``: losses into ``sums``, and (given the
     weights ``w_all`` (B, N)) the gradients of Σ alpha·w·loss into ``grads``; the products in the
-    inputs' dtype where ``low_precision_products`` says so, else in fp32."""
+    inputs' dtype where ``low_precision_products`` says so, else in fp32; the softmax over each
+    position's candidates by ``rows``."""
     H = hidden.shape[-1]
     fast = low_precision_products(hidden)
     ids_g, slots, batch_rows = groups(ids, hidden, plan, positions)
+    ids_g = pad_lists(ids_g, list_multiple(hidden.device))
     G, K = ids_g.shape
     h_flat, y_flat, on_flat = hidden.reshape(-1, H), plan.labels.reshape(-1), positions.reshape(-1)
+    fold = fold_labels(grads.dtype, hidden.device)
     s = 0
     while s < G:
         M = slots.shape[1] if batch_rows else max(1, int((slots[s] >= 0).sum()))  # the block's longest group
@@ -118,39 +175,40 @@ def list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan
             h, y, on = h_flat[flat], y_flat[flat].unsqueeze(-1), on_flat[flat] & (slot >= 0)
             w_g = None if w_all is None else w_all.reshape(-1)[flat] * on
         listed = ids_g[sl]
-        cand, valid = candidates(listed.unsqueeze(1).expand(-1, M, -1), y, on)  # (g, M, K+1)
         w_rows = weight[listed.clamp(min=0)]                                    # (g, K, H)
         w_y = weight[y.squeeze(-1)]                                             # (g, M, H)
         if not fast:
             h, w_rows, w_y = h.float(), w_rows.float(), w_y.float()
-        z = torch.cat([bmm32(h, w_rows.transpose(1, 2)), _label_dots(h, w_y)], dim=-1)
-        if bias is not None:
-            z = z + bias[cand].float()
-        w = None if w_g is None else alpha * w_g.unsqueeze(-1)
-        terms, g = candidate_support(z, valid, w, plan.softmax)                 # (g, M, 1), (g, M, K+1)
+        w = None if w_g is None else alpha * w_g.unsqueeze(-1).float()
+        # The bias gradient sums the list gradient unrounded; the products take it in their dtype.
+        dtype = torch.float32 if grads.bias is not None else h.dtype
+        terms, g_list, g_y = rows(bmm32(h, w_rows.transpose(1, 2)), _label_dots(h, w_y), listed, y, on, bias, w,
+                                  plan.softmax, fold, dtype)
         sums.add(flat.flatten(), alpha, terms)
-        if g is not None:
-            _add_gradients(g, listed, y, h, w_rows, w_y, cand, flat, grads)
+        if g_list is not None and g_y is not None:
+            _add_gradients(g_list, g_y, listed, y, h, w_rows, w_y, flat, grads, sl.start * M if batch_rows else None)
 
 
-def _add_gradients(g: Tensor, listed: Tensor, y: Tensor, h: Tensor, w_rows: Tensor, w_y: Tensor, cand: Tensor,
-                   flat: Tensor, grads: Grads) -> None:
-    """A block's gradients from dloss/dz ``g`` (g, M, K+1), label last. Into low-precision
-    accumulators a label found in its list moves to that id's column, so only labels outside their
-    list take the separate label rows (whose repeated additions would each round)."""
-    K, H = listed.shape[1], h.shape[-1]
-    g_list, g_y = g[..., :K], g[..., K:]
-    if grads.dtype != torch.float32:
-        in_list = (listed.unsqueeze(1) == y) & (listed.unsqueeze(1) >= 0)      # (g, M, K), ids unique
-        g_list = g_list + g_y * in_list
-        g_y = g_y * ~in_list.any(-1, keepdim=True)                              # labels outside the list
+def _add_gradients(g_list: Tensor, g_y: Tensor, listed: Tensor, y: Tensor, h: Tensor, w_rows: Tensor, w_y: Tensor,
+                   flat: Tensor, grads: Grads, first: Optional[int]) -> None:
+    """A block's gradients from dloss/dz: ``g_list`` (g, M, K) w.r.t. the list logits, ``g_y``
+    (g, M, 1) w.r.t. the label logits. ``first``: the block's positions are the hidden rows from
+    there on, in order (slices of the batch), else ``flat`` says which they are."""
+    H = h.shape[-1]
     g_in = g_list.to(h.dtype)
     if grads.hidden is not None:
-        dh = bmm32(g_in, w_rows) + g_y * w_y.float()                            # (g, M, H)
-        grads.add_hidden_rows(flat.flatten(), dh.reshape(-1, H))
+        dh = (bmm32(g_in, w_rows) + g_y * w_y.float()).reshape(-1, H)            # (g·M, H)
+        if first is None:
+            grads.add_hidden_rows(flat.flatten(), dh)
+        else:  # a slice of the buffer: no indexed (atomic) additions
+            grads.add_hidden_range(first, dh)
     if grads.want_weight:
         dw_rows = bmm32(g_in.transpose(1, 2), h)                                # (g, K, H)
         grads.add_weight_rows(listed.clamp(min=0).flatten(), dw_rows.reshape(-1, H))
+        # Every label row, those of folded labels with zeros: choosing the others would synchronise
+        # with the GPU, which costs more than the additions.
         grads.add_weight_rows(y.flatten(), (g_y * h.float()).reshape(-1, H))
     if grads.bias is not None:
-        grads.bias.index_add_(0, cand.flatten(), g.flatten())
+        listed_at = listed.clamp(min=0).unsqueeze(1).expand_as(g_list)
+        grads.bias.index_add_(0, listed_at.flatten(), g_list.float().flatten())
+        grads.bias.index_add_(0, y.flatten(), g_y.flatten())

@@ -13,6 +13,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from seqloss.kernels import support_ce as kern
+from seqloss.kernels.candidates import _candidate_kernel
+from seqloss.kernels.parts import fused_tiles
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "compiling needs Triton without its interpreter"
 
@@ -22,31 +24,52 @@ POINTERS = dict(rows_ptr="*i64", labels_ptr="*i64", brows_ptr="*i64", cols_ptr="
                 cap="fp32", best_ptr="*fp32", arg_ptr="*i32")
 
 
-def compile_variant(fn, dtype: str, fused: bool, constants: dict, accumulate: str = "fp32") -> None:
+def compile_variant(fn, dtype: str, fused: bool, constants: dict, accumulate: str = "fp32", launch: tuple = ()) -> None:
     """``accumulate``: the fused head's hidden and weight gradient buffers' dtype (its default with
-    bf16 inputs is bf16: sm_90's bf16 atomics; fp32 with exact accumulation)."""
+    bf16 inputs is bf16: sm_90's bf16 atomics; fp32 with exact accumulation); ``launch``: (warps,
+    stages) where the engine sets them."""
     types = dict(POINTERS, x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}",
                  gx_ptr=f"*{accumulate}" if fused else f"*{dtype}", gw_ptr=f"*{accumulate}")
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    options = {} if not launch or launch[0] is None else dict(num_warps=launch[0], num_stages=launch[1])
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     assert compiled.asm["cubin"], fn.__name__
-    print("ok", fn.__name__, dtype, accumulate, {k: v for k, v in constants.items() if isinstance(v, bool) and v})
+    print("ok", fn.__name__, dtype, accumulate, {k: v for k, v in constants.items() if isinstance(v, bool) and v},
+          {k: v for k, v in constants.items() if k.startswith("BLOCK")}, options)
+
+
+def compile_candidates(gradient: str) -> None:
+    """The list parts' candidate softmax, its list gradient in ``gradient`` (the products' dtype, or
+    fp32 with a bias), every option on."""
+    types = dict(zl_ptr="*fp32", zy_ptr="*fp32", ids_ptr="*i64", y_ptr="*i64", on_ptr="*i8", b_ptr="*bf16",
+                 w_ptr="*fp32", tok_ptr="*fp32", zt_ptr="*fp32", gl_ptr=f"*{gradient}", gy_ptr="*fp32",
+                 eps="fp32", zeta="fp32", cap="fp32")
+    constants = dict(HAS_BIAS=True, SOFTCAP=True, GRAD=True, FOLD=True, BLOCK_K=2048)
+    fn = _candidate_kernel
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()})
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+    print("ok", fn.__name__, gradient)
 
 
 def main() -> None:
     dtype = "bf16"
     # The fused head's list parts are grouped matrix products (grouped.py), not kernels.
-    for fused, listed in ((True, False), (False, True), (False, False)):
-        blocks = dict(BLOCK_M=64, BLOCK_C=128, BLOCK_H=64) if fused else dict(BLOCK_M=4, BLOCK_C=2048, BLOCK_H=64)
+    # The fused head's tiles on Hopper: the large one for parts of many slots, the small one for few.
+    variants = [(True, False, slots) for slots in (8192, 16)] + [(False, True, 0), (False, False, 0)]
+    for fused, listed, slots in variants:
+        m, c, h, *launch = fused_tiles(slots, (9, 0)) if fused else (4, 2048, 64, None, None)
+        blocks = dict(BLOCK_M=m, BLOCK_C=c, BLOCK_H=h)
         common = dict(LIST=listed, EXCLUDE=not listed, FUSED=fused, HAS_BIAS=True, SOFTCAP=listed or fused, UPCAST=False,
                       PRECISION="tf32", **blocks)
-        compile_variant(kern._stats_kernel, dtype, fused, dict(common, ARGMAX=not listed))
+        compile_variant(kern._stats_kernel, dtype, fused, dict(common, ARGMAX=not listed), launch=tuple(launch))
         for accumulate in ("bf16", "fp32") if fused else ("fp32",):
             compile_variant(kern._grad_kernel, dtype, fused,
                             dict(common, STORE=not listed, GRAD_X=True, GRAD_W=fused, GRAD_B=fused,
-                                 FILTER=2.0 ** -12 if fused else 0.0, RMW=False), accumulate)
+                                 FILTER=2.0 ** -12 if fused else 0.0, RMW=False), accumulate, tuple(launch))
     for fused, accumulate in ((True, "bf16"), (True, "fp32"), (False, "fp32")):
         compile_variant(kern._label_grad_kernel, dtype, fused,
                         dict(FUSED=fused, SOFTCAP=True, GRAD_X=True, GRAD_W=fused, GRAD_B=fused, RMW=False,
@@ -60,6 +83,8 @@ def main() -> None:
     compile_variant(kern._stats_kernel, dtype, True,
                     dict(LIST=False, EXCLUDE=False, FUSED=True, HAS_BIAS=False, SOFTCAP=False, UPCAST=False,
                          PRECISION="tf32", ARGMAX=True, BLOCK_M=64, BLOCK_C=128, BLOCK_H=64))
+    for gradient in ("bf16", "fp32"):
+        compile_candidates(gradient)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,18 @@ def test_flop_bound_counts_each_objectives_support(monkeypatch):
                                 1, {"mle": 4e9, "smile": 1e9}, peak_tflops=1.0)
     assert [(r["FLOP-bound ms"], r["x bound"]) for r in rows] == [("4.00", "0.5"), ("1.00", "1.0")]
     sys.modules.pop("bench_gpu", None)
+
+
+@pytest.mark.skipif(kernels.unavailable_reason(torch.device("cpu")) is not None, reason="needs TRITON_INTERPRET=1")
+def test_profile_gpu_prints_each_section(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import profile_gpu
+    profile_gpu.main(["--shape", "tiny", "--device", "cpu", "--repeats", "1", "--rows", "3",
+                      "--profile", "smile/seqloss torch", "--cprofile", "mle/seqloss torch", "--products", "13",
+                      "--sweep", "16,16,16;16,16,16,1,1"])
+    text = capsys.readouterr().out
+    assert "## tiny smile/seqloss torch" in text and "host profile of 5 steps" in text
+    assert "| 13 |" in text and "| 16 |" in text   # as given, and padded to a multiple of 8
+    assert "| 16,16,16 |" in text and "| 16,16,16,1,1 |" in text
+    for name in ("profile_gpu", "bench_gpu"):
+        sys.modules.pop(name, None)

@@ -205,3 +205,40 @@ def test_fused_gradient_filter_skips_negligible_tiles_within_the_criterion(monke
         assert_low_precision(fast[0], naive[0], truth[0], dtype, "forward", "loss")
         for what, f, n, t in zip(("hidden", "weight"), fast[1], naive[1], truth[1]):
             assert_low_precision(f, n, t, dtype, "backward", f"grad of {what}")
+
+
+def test_a_kernel_that_does_not_fit_the_gpu_runs_with_the_fallback_tile(monkeypatch):
+    """Triton raises OutOfResources at launch, before the kernel runs, where a tile needs more shared
+    memory than the GPU has: the engine launches the same kernel with ``Blocks.fallback`` instead."""
+    from triton.runtime.errors import OutOfResources
+
+    from seqloss.kernels import engine, support_ce as kern
+    from seqloss.kernels.parts import Blocks
+
+    hidden, weight, bias, labels = _inputs(seed=5)
+    want = run_head("triton", hidden, weight, labels, bias, objective="mle", label_smoothing=0.1)
+    refused = []
+
+    class TooLarge:  # the kernel, refusing its large tile
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs["BLOCK_M"] == 32:
+                    refused.append(grid)
+                    raise OutOfResources(278528, 232448, "shared memory")
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    small = Blocks(16, 16, 16, splits=2)
+    monkeypatch.setattr(engine, "blocks_for", lambda *args, **kwargs: Blocks(32, 16, 16, splits=2, fallback=small))
+    monkeypatch.setattr(kern, "_stats_kernel", TooLarge(kern._stats_kernel))
+    monkeypatch.setattr(kern, "_grad_kernel", TooLarge(kern._grad_kernel))
+    got = run_head("triton", hidden, weight, labels, bias, objective="mle", label_smoothing=0.1)
+    assert len(refused) == 2  # the statistics pass and the gradient pass each tried the large tile once
+    torch.testing.assert_close(got[0], want[0])
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w)
+    with pytest.raises(OutOfResources):  # no fallback: the error stands
+        engine.fitted(lambda b: TooLarge(None)[0](BLOCK_M=b.m), Blocks(32, 16, 16, splits=1))

@@ -29,7 +29,7 @@ def test_a_failing_stage_does_not_stop_the_others(tmp_path):
     done, out = _check(tmp_path, PYTHON="false")  # every stage that runs Python fails at once
     assert done.returncode == 1, done.stdout + done.stderr
     summary = (out / "summary.txt").read_text()
-    for stage in ("env", "tests", "bench", "train"):
+    for stage in ("env", "tests", "bench", "train", "profile"):
         assert f"{stage}: FAILED" in summary, summary
 
 
@@ -47,8 +47,9 @@ def test_the_tiny_check_runs_every_stage_and_writes_the_tables(tmp_path):
     done, out = _check(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
-    assert all(f"{stage}: ok" in summary for stage in ("env", "install", "tests", "bench", "train")), summary
+    assert all(f"{stage}: ok" in summary for stage in ("env", "install", "tests", "bench", "train", "profile")), summary
     for table in ("bench_gpu.md", "bench_gpu_train.md"):
         text = (out / table).read_text()
         assert "| tiny" in text and text.strip() in done.stdout
     assert " passed" in (out / "pytest.log").read_text()
+    assert "host profile of 5 steps" in (out / "profile.txt").read_text()

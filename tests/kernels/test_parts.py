@@ -108,3 +108,21 @@ def test_the_fused_head_accumulates_where_the_gpu_adds_in_hardware(monkeypatch, 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert accumulator_dtype(dtype, torch.device("cuda"), exact) == expected
     assert accumulator_dtype(dtype, torch.device("cpu"), exact) == (torch.float32 if exact else dtype)  # interpreter
+
+
+def test_hopper_takes_the_large_tile_with_the_small_one_to_fall_back_on(monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("SEQLOSS_FUSED_BLOCKS", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    part = full_part(None, torch.ones(1, 8192, dtype=torch.bool), 128256, cover_all=False)
+    blocks = blocks_for(part, 128256, fused=True, device=cuda)
+    assert (blocks.m, blocks.c, blocks.h, blocks.launch()) == (128, 256, 64, dict(num_warps=8, num_stages=3))
+    assert blocks.fallback == blocks_for(part, 128256, fused=True, device=cuda, large=False)
+    assert (blocks.fallback.m, blocks.fallback.c, blocks.fallback.fallback) == (64, 128, None)
+    few = full_part(None, torch.ones(1, 8, dtype=torch.bool), 128256, cover_all=False)
+    assert (blocks_for(few, 128256, fused=True, device=cuda).m, blocks_for(few, 128256, True, cuda).fallback) == (16, None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert blocks_for(part, 128256, fused=True, device=cuda) == blocks.fallback  # before Hopper: the small tile

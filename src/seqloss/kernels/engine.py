@@ -12,19 +12,22 @@ vocabulary for it, without gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, TypeVar
 
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from .._buffers import Grads, GradTriple, in_compute_dtype
 from ..grouped import list_part
 from ..plan import Engine, EngineOutput, Inputs, Need, Plan
 from ..token_math import PositionSums, TokenTerms
 from . import support_ce as kern
+from .candidates import candidate_rows
 from .parts import Blocks, Part, accumulator_dtype, blocks_for, combine, full_part, interpreting, parts_of, slot_values
 
+T = TypeVar("T")
 
 @dataclass
 class Source:
@@ -82,8 +85,23 @@ class Statistics(NamedTuple):
     predicted: Optional[Tensor] = None
 
 
+def fitted(launch: Callable[[Blocks], T], blocks: Blocks) -> T:
+    """``launch(blocks)``, or where its kernel needs more shared memory than the GPU has (Triton's
+    ``OutOfResources``, raised before the kernel runs) ``launch`` with ``blocks.fallback``."""
+    try:
+        return launch(blocks)
+    except OutOfResources:
+        if blocks.fallback is None:
+            raise
+        return fitted(launch, blocks.fallback)
+
+
 def statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor, argmax: bool = False) -> Statistics:
     """One statistics pass over a part's slots (``argmax`` for full parts only)."""
+    return fitted(lambda b: _statistics(src, part, b, labels, argmax), blocks)
+
+
+def _statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor, argmax: bool) -> Statistics:
     G, M, C, cols, brows, bitmap = _layout(part, src)
     P = G * M
     per_split = triton.cdiv(triton.cdiv(C, blocks.c), blocks.splits)
@@ -116,12 +134,15 @@ def gradients(src: Source, part: Part, blocks: Blocks, labels: Tensor, coef: Ten
     gx_, gw_, gb_ = (spare if t is None else t for t in (gx, gw, gb))
     wanted = dict(GRAD_X=gx is not None, GRAD_W=gw is not None, GRAD_B=gb is not None,
                   RMW=interpreting() and any(t is not None and t.dtype != torch.float32 for t in (gx, gw)))
-    kern._grad_kernel[(G * triton.cdiv(M, blocks.m), triton.cdiv(C, blocks.c))](
-        x, w, b, part.slot_positions, labels, brows, cols, bitmap, coef, lse, size, pscale, eps, gx_, gw_, gb_,
-        M, C, src.vocab_size, H, x.stride(0), stride_w, gx_.stride(0), gw_.stride(0), src.cap or 1.0,
-        LIST=part.cols is not None, EXCLUDE=part.bitmap is not None, **src.flags(), STORE=store, **wanted,
-        FILTER=src.filter,
-        BLOCK_M=blocks.m, BLOCK_C=blocks.c, BLOCK_H=blocks.h, **blocks.launch())
+
+    def launch(tile: Blocks) -> Blocks:
+        kern._grad_kernel[(G * triton.cdiv(M, tile.m), triton.cdiv(C, tile.c))](
+            x, w, b, part.slot_positions, labels, brows, cols, bitmap, coef, lse, size, pscale, eps, gx_, gw_, gb_,
+            M, C, src.vocab_size, H, x.stride(0), stride_w, gx_.stride(0), gw_.stride(0), src.cap or 1.0,
+            LIST=part.cols is not None, EXCLUDE=part.bitmap is not None, **src.flags(), STORE=store, **wanted,
+            FILTER=src.filter, BLOCK_M=tile.m, BLOCK_C=tile.c, BLOCK_H=tile.h, **tile.launch())
+        return tile
+    blocks = fitted(launch, blocks)
     P = G * M
     # Slots of a block may share a label, i.e. a weight-gradient row: a load-add-store (RMW) block
     # would keep one of their additions, so under RMW each program takes one slot.
@@ -141,9 +162,8 @@ def _add_terms(sums: PositionSums, part: Part, alpha: float, plan: Plan, stats: 
     z_term = zeta * lse * lse if zeta else None
     if z_term is not None:
         tok = tok + z_term
-    on = slot_values(part, part.positions)
-    sums.add(part.slots[on], alpha, TokenTerms(tok[on], None if z_term is None else z_term[on],
-                                               None if stats.predicted is None else stats.predicted[on]))
+    on = slot_values(part, part.positions)  # masked, not selected: a selection would wait for the GPU
+    sums.add(part.slots.clamp(min=0), alpha, TokenTerms(tok, z_term, stats.predicted), on=on)
 
 
 def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights: Optional[Tensor],
@@ -154,11 +174,13 @@ def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights
     positions no full part scored get their argmax from one more statistics pass."""
     labels = plan.labels.reshape(-1).contiguous()
     eps, zeta = plan.softmax.label_smoothing, plan.softmax.z_loss
+    # The large Hopper tile where it was measured: low-precision inputs accumulated in their own dtype.
+    large = src.x.dtype != torch.float32 and all(t is None or t.dtype == src.x.dtype for t in (gx, gw))
     for i, (alpha, part) in enumerate(parts):
         if part.slot_positions.numel() == 0:
             continue
         C = src.vocab_size if part.cols is None else part.cols.shape[1]
-        blocks = blocks_for(part, C, src.fused, src.x.device)
+        blocks = blocks_for(part, C, src.fused, src.x.device, large)
         stats = statistics(src, part, blocks, labels, argmax=plan.stats and part.cols is None)
         _add_terms(sums, part, alpha, plan, stats)
         if weights is not None:
@@ -216,7 +238,7 @@ def linear_forward(inputs: Inputs, plan: Plan, need: Need, dtype: torch.dtype,
     full = [(p.alpha, full_part(p.exclude, p.positions, V, False, plan.sequence)) for p in plan.parts if p.ids is None]
     for p in plan.parts:
         if p.ids is not None:
-            list_part(hidden, weight, bias, plan, p.alpha, p.ids, p.positions, w_all, sums, grads)
+            list_part(hidden, weight, bias, plan, p.alpha, p.ids, p.positions, w_all, sums, grads, candidate_rows)
     _run_parts(src, plan, full, w_all, sums, gx=grads.hidden, gw=grads.weight, gb=grads.bias)
     return _output(sums, (B, N), grads.results(inputs))
 

@@ -49,6 +49,7 @@ class Blocks:
     splits: int
     warps: Optional[int] = None
     stages: Optional[int] = None
+    fallback: Optional[Blocks] = None  # the launch shape to use where this one's kernel does not fit the GPU
 
     def launch(self) -> dict:
         """The launch keywords Triton takes besides the kernel's own."""
@@ -94,28 +95,49 @@ def accumulator_dtype(dtype: torch.dtype, device: torch.device, exact: bool) -> 
     return dtype
 
 
-def blocks_for(part: Part, columns: int, fused: bool, device: torch.device) -> Blocks:
+# The fused head's tile on Hopper (m, c, h, warps, stages) for bf16/fp16 parts of many slots: on an
+# H200 the full-vocabulary MLE at Llama-3-8B's head took 45 ms with it against 65 ms with the 64 × 128
+# tile (benchmarks/profile_gpu.py's sweep, benchmarks/RESULTS.md). A kernel variant it does not fit
+# (shared memory: fp32 operands, some Triton versions' fp32 atomics) falls back to the small tile.
+HOPPER_FUSED_TILE = (128, 256, 64, 8, 3)
+
+
+def fused_tiles(slots: int, capability: tuple[int, int],
+                large: bool = True) -> tuple[int, int, int, Optional[int], Optional[int]]:
+    """(m, c, h, warps, stages) of the fused head's kernels for a part of ``slots`` slots per group on
+    a GPU of compute ``capability`` (None: Triton's default warps and stages); ``large=False`` keeps
+    the small tile."""
+    if large and slots >= 128 and capability >= (9, 0):
+        return HOPPER_FUSED_TILE
+    return (64 if slots >= 64 else 16), 128, 64, None, None
+
+
+def blocks_for(part: Part, columns: int, fused: bool, device: torch.device, large: bool = True) -> Blocks:
     """Tile sizes for a part. Under the interpreter: small tiles and two splits, so that tests at
     small shapes go through every loop and the split merge. On a GPU: tensor-core tiles for the
-    fused head (or ``SEQLOSS_FUSED_BLOCKS``'s), wide rows for the logits path, and enough splits to
-    fill the multiprocessors."""
+    fused head (or ``SEQLOSS_FUSED_BLOCKS``'s) — the large Hopper tile where ``large`` allows it, with
+    the small one as its ``fallback`` —, wide rows for the logits path, and enough splits to fill the
+    multiprocessors."""
     G, M = part.slot_positions.shape
     if interpreting():
         m = 16 if fused else 4
         c, h = 16, 16
         return Blocks(m, c, h, splits=2 if columns > c else 1)
-    override = fused_override() if fused else None
-    m = (64 if M >= 64 else 16) if fused else 4
-    c, h = (128 if fused else 2048), 64
-    warps = stages = None
-    if override is not None:
-        m, c, h = override[:3]
-        warps, stages = override[3:] if len(override) == 5 else (None, None)
+    m, c, h, warps, stages = 4, 2048, 64, None, None
+    fallback = None
+    if fused:
+        override = fused_override()
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+        m, c, h, warps, stages = fused_tiles(M, capability, large) if override is None else (
+            *override[:3], *(override[3:] if len(override) == 5 else (None, None)))
+        if override is None and (m, c, h, warps, stages) != fused_tiles(M, capability, False):
+            fallback = blocks_for(part, columns, fused, device, large=False)
     c = min(c, max(16, 1 << max(columns - 1, 1).bit_length()))
     programs = G * -(-M // m)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     blocks = -(-columns // c)
-    return Blocks(m, c, h, splits=max(1, min(blocks, -(-4 * sms // programs))), warps=warps, stages=stages)
+    return Blocks(m, c, h, splits=max(1, min(blocks, -(-4 * sms // programs))), warps=warps, stages=stages,
+                  fallback=fallback)
 
 
 def _bitmap(exclude: Tensor, vocab_size: int) -> Tensor:

@@ -39,7 +39,7 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _cap(z, cap):
+def soft_cap(z, cap):
     """cap·tanh(z / cap), written with a sigmoid (tanh = 2σ(2x) - 1)."""
     return cap * (2.0 * tl.sigmoid(2.0 * z / cap) - 1.0)
 
@@ -111,12 +111,12 @@ def _tile(x_ptr, w_ptr, b_ptr, row, col, H, stride_x, stride_w, cap,
             acc += tl.load(b_ptr + col, mask=col >= 0, other=0.0).to(tl.float32)[None, :]
         z = acc
         if SOFTCAP:
-            z = _cap(z, cap)
+            z = soft_cap(z, cap)
     else:
         z = tl.load(x_ptr + row[:, None].to(tl.int64) * stride_x + col[None, :], mask=exists, other=0.0)
         z = z.to(tl.float32)
         if SOFTCAP:
-            z = _cap(z, cap)
+            z = soft_cap(z, cap)
     return tl.where(exists, z, float("-inf"))
 
 
@@ -137,11 +137,11 @@ def _label_logit(x_ptr, w_ptr, b_ptr, row, y, H, stride_x, stride_w, cap,
         if HAS_BIAS:
             acc += tl.load(b_ptr + y, mask=ok, other=0.0).to(tl.float32)
         if SOFTCAP:
-            acc = _cap(acc, cap)
+            acc = soft_cap(acc, cap)
         return acc
     z_y = tl.load(x_ptr + row.to(tl.int64) * stride_x + y, mask=ok, other=0.0).to(tl.float32)
     if SOFTCAP:
-        z_y = _cap(z_y, cap)
+        z_y = soft_cap(z_y, cap)
     return z_y
 
 
