@@ -10,9 +10,11 @@ gradients ``G @ W_ids`` and ``G.T @ h`` — K/V of the full head's FLOPs and mem
 Precision: on CPU (and for fp32 inputs) the products run in fp32, so bf16 inputs round once. On a
 GPU with bf16/fp16 inputs they run on the tensor cores in the compute dtype with fp32 results where
 torch offers them (``out_dtype``), as the dense head's ``F.linear`` would; the softmax math is fp32
-either way. Into bf16/fp16 accumulators (the Triton engine's default) a label that is one of its
-list's ids takes its gradient through that id's column, so the weight gradient of a frequent label
-is one product's sum, not many rounded additions.
+either way. Into bf16/fp16 accumulators (the Triton engine's default), and on every GPU, a label that
+is one of its list's ids takes its gradient through that id's column, so the weight gradient of a
+frequent label is one product's sum, not many rounded additions. On a GPU the lists are padded to a
+multiple of 8 ids (aligned products), and the softmax over each position's candidates is a
+``CandidateRows``: ``torch_candidate_rows`` here, one Triton kernel in the Triton engine.
 """
 from __future__ import annotations
 

@@ -170,16 +170,15 @@ def canonical_ids(ids: Tensor, drop: Optional[Tensor] = None) -> Tensor:
     ``ids`` (..., K) long with negative entries as padding. The result keeps the leading shape,
     holds each id once, and its last dimension is the longest list after de-duplication (≥ 1).
     """
-    ids = torch.where(ids < 0, torch.full_like(ids, PAD), ids)
+    big = torch.iinfo(ids.dtype).max  # padding sorts last as this
+    gone = ids < 0
     if drop is not None and drop.numel():
-        ids = torch.where(torch.isin(ids, drop), torch.full_like(ids, PAD), ids)
-    big = torch.iinfo(ids.dtype).max
-    ids, _ = torch.where(ids < 0, torch.full_like(ids, big), ids).sort(dim=-1)
-    repeat = torch.zeros_like(ids, dtype=torch.bool)
-    repeat[..., 1:] = ids[..., 1:] == ids[..., :-1]
-    ids = torch.where(repeat | (ids == big), torch.full_like(ids, PAD), ids)
-    ids, _ = torch.where(ids < 0, torch.full_like(ids, big), ids).sort(dim=-1)  # valid ids first
-    ids = torch.where(ids == big, torch.full_like(ids, PAD), ids)
+        gone = gone | torch.isin(ids, drop)
+    ids = ids.masked_fill(gone, big).sort(dim=-1).values
+    if ids.shape[-1] > 1:  # a repeat becomes padding, and the valid ids move first again
+        repeat = ids[..., 1:] == ids[..., :-1]
+        ids = torch.cat([ids[..., :1], ids[..., 1:].masked_fill(repeat, big)], dim=-1).sort(dim=-1).values
+    ids = ids.masked_fill(ids == big, PAD)
     if torch.compiler.is_compiling():  # the trim reads data; under tracing keep K (same losses, padded)
         return ids.contiguous() if ids.shape[-1] else torch.full((*ids.shape[:-1], 1), PAD, dtype=ids.dtype,
                                                                        device=ids.device)
