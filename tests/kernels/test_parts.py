@@ -9,7 +9,6 @@ from seqloss.kernels.parts import (
     _bitmap,
     accumulator_dtype,
     blocks_for,
-    combine,
     full_part,
     list_part,
     parts_of,
@@ -24,19 +23,6 @@ def test_bitmap_flags_listed_ids_and_ignores_padding():
     bitmap = _bitmap(exclude, 5)
     assert bitmap.dtype == torch.int8
     assert bitmap.tolist() == [[1, 0, 0, 1, 0], [0, 0, 0, 0, 0]]
-
-
-def test_combine_equals_logsumexp_across_splits_with_an_empty_split():
-    z = torch.randn(3, 10)
-    halves = [z[:, :6], z[:, 6:]]
-    m = torch.stack([h.amax(1) for h in halves] + [torch.full((3,), -1e30)])
-    s = torch.stack([(h - h.amax(1, keepdim=True)).exp().sum(1) for h in halves] + [torch.zeros(3)])
-    zsum = torch.stack([h.sum(1) for h in halves] + [torch.zeros(3)])
-    size = torch.stack([torch.full((3,), 6.0), torch.full((3,), 4.0), torch.zeros(3)])
-    lse, total, count = combine(torch.stack([m, s, zsum, size]))
-    torch.testing.assert_close(lse, z.logsumexp(1))
-    torch.testing.assert_close(total, z.sum(1))
-    assert count.tolist() == [10.0] * 3
 
 
 @pytest.mark.parametrize("cover, fraction, covers_all", [(True, 0.0, True), (True, 0.9, False), (False, 0.0, False)])

@@ -22,10 +22,11 @@ from triton.runtime.errors import OutOfResources
 from .._buffers import Grads, GradTriple, in_compute_dtype
 from ..grouped import list_part
 from ..plan import Engine, EngineOutput, Inputs, Need, Plan
-from ..token_math import PositionSums, TokenTerms
+from ..token_math import PositionSums
 from . import support_ce as kern
 from .candidates import candidate_rows
-from .parts import Blocks, Part, accumulator_dtype, blocks_for, combine, full_part, interpreting, parts_of, slot_values
+from .finish import finish
+from .parts import Blocks, Part, accumulator_dtype, blocks_for, full_part, interpreting, parts_of, slot_values
 
 T = TypeVar("T")
 
@@ -75,12 +76,11 @@ def _layout(part: Part, src: Source) -> tuple[int, int, int, Tensor, Tensor, Ten
 
 
 class Statistics(NamedTuple):
-    """Per slot of a part (each (P,)): lse, Σ z and size of the support, the label's logit, and
-    with ``argmax`` the id of the largest logit over all V ids."""
+    """A part's statistics: per split and slot (4, S, P) the running max, Σ exp(z - max), Σ z and the
+    support's size (``finish.py`` merges them); per slot the label's logit (P,) and with ``argmax``
+    the id of the largest logit over all V ids."""
 
-    lse: Tensor
-    zsum: Tensor
-    size: Tensor
+    split: Tensor
     z_y: Tensor
     predicted: Optional[Tensor] = None
 
@@ -107,7 +107,7 @@ def _statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor, argmax:
     per_split = triton.cdiv(triton.cdiv(C, blocks.c), blocks.splits)
     splits = triton.cdiv(triton.cdiv(C, blocks.c), per_split)
     device = src.x.device
-    out = torch.empty(4, splits, P, dtype=torch.float32, device=device)
+    out = torch.empty(4, splits, P, dtype=torch.float32, device=device)  # max, Σ exp, Σ z, size
     z_y = torch.empty(P, dtype=torch.float32, device=device)
     best = torch.empty(splits, P, dtype=torch.float32, device=device) if argmax else z_y
     arg = torch.empty(splits, P, dtype=torch.int32, device=device) if argmax else z_y
@@ -117,9 +117,8 @@ def _statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor, argmax:
         M, C, src.vocab_size, H, P, x.stride(0), stride_w, per_split, src.cap or 1.0,
         LIST=part.cols is not None, EXCLUDE=part.bitmap is not None, **src.flags(), ARGMAX=argmax,
         BLOCK_M=blocks.m, BLOCK_C=blocks.c, BLOCK_H=blocks.h, **blocks.launch())
-    lse, zsum, size = combine(out)
     predicted = arg.gather(0, best.argmax(0, keepdim=True)).squeeze(0).long() if argmax else None
-    return Statistics(lse, zsum, size, z_y, predicted)
+    return Statistics(out, z_y, predicted)
 
 
 def gradients(src: Source, part: Part, blocks: Blocks, labels: Tensor, coef: Tensor, lse: Tensor, size: Tensor,
@@ -153,19 +152,6 @@ def gradients(src: Source, part: Part, blocks: Blocks, labels: Tensor, coef: Ten
         FUSED=src.fused, SOFTCAP=src.cap > 0, **wanted, BLOCK_M=m, BLOCK_H=blocks.h)
 
 
-def _add_terms(sums: PositionSums, part: Part, alpha: float, plan: Plan, stats: Statistics) -> None:
-    """alpha · (lse - (1-ε)·z_y - ε·mean z + ζ·lse²) at the part's scored slots, with the z-loss
-    terms and the argmax ids."""
-    eps, zeta = plan.softmax.label_smoothing, plan.softmax.z_loss
-    lse, z_y = stats.lse, stats.z_y
-    tok = lse - z_y if not eps else lse - (1 - eps) * z_y - eps * stats.zsum / stats.size
-    z_term = zeta * lse * lse if zeta else None
-    if z_term is not None:
-        tok = tok + z_term
-    on = slot_values(part, part.positions)  # masked, not selected: a selection would wait for the GPU
-    sums.add(part.slots.clamp(min=0), alpha, TokenTerms(tok, z_term, stats.predicted), on=on)
-
-
 def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights: Optional[Tensor],
                sums: PositionSums, gx: Optional[Tensor], gw: Optional[Tensor] = None,
                gb: Optional[Tensor] = None) -> None:
@@ -173,7 +159,7 @@ def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights
     part that covers every position stores; the others add. With ``plan.stats``, the supervised
     positions no full part scored get their argmax from one more statistics pass."""
     labels = plan.labels.reshape(-1).contiguous()
-    eps, zeta = plan.softmax.label_smoothing, plan.softmax.z_loss
+    eps = plan.softmax.label_smoothing
     # The large Hopper tile where it was measured: low-precision inputs accumulated in their own dtype.
     large = src.x.dtype != torch.float32 and all(t is None or t.dtype == src.x.dtype for t in (gx, gw))
     for i, (alpha, part) in enumerate(parts):
@@ -182,12 +168,13 @@ def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights
         C = src.vocab_size if part.cols is None else part.cols.shape[1]
         blocks = blocks_for(part, C, src.fused, src.x.device, large)
         stats = statistics(src, part, blocks, labels, argmax=plan.stats and part.cols is None)
-        _add_terms(sums, part, alpha, plan, stats)
-        if weights is not None:
-            coef = alpha * slot_values(part, weights * part.positions).float().contiguous()
-            pscale = (1 + 2 * zeta * stats.lse).contiguous()  # d(ζ·lse²)/dz = 2ζ·lse·p
-            gradients(src, part, blocks, labels, coef, stats.lse, stats.size, stats.z_y, pscale, eps, gx, gw, gb,
-                      store=i == 0 and part.covers_all)
+        slot = finish(stats.split, stats.z_y, part, alpha, plan.softmax, sums.loss, sums.z_part, weights)
+        if stats.predicted is not None:  # statistics only: a selection waits for the GPU
+            on = slot_values(part, part.positions)
+            sums.set_predicted(part.slots[on], stats.predicted[on])
+        if slot is not None:
+            gradients(src, part, blocks, labels, slot.coef, slot.lse, slot.size, stats.z_y, slot.pscale, eps, gx, gw,
+                      gb, store=i == 0 and part.covers_all)
     rest = sums.unpredicted(plan.target_mask) if plan.stats else None
     if rest is not None and rest.numel():
         positions = torch.zeros_like(plan.target_mask).view(-1).index_fill_(0, rest, True)

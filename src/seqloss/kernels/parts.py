@@ -1,4 +1,4 @@
-"""Support rules → kernel launches: parts, launch shapes, and the merge of split statistics.
+"""Support rules → kernel launches: parts and their launch shapes.
 
 A plan's members are turned into *parts*, each one launch of the kernels in ``support_ce.py``:
 
@@ -7,7 +7,7 @@ A plan's members are turned into *parts*, each one launch of the kernels in ``su
 * a list part — positions grouped by the list they share (a batch row for (B, 1, K) lists, a single
   position for (B, N, K) lists), scoring the label plus the list's ids.
 
-The host turns each part's statistics into losses; the kernels never see objectives or mixtures.
+``finish.py`` turns each part's statistics into losses; the kernels never see objectives or mixtures.
 """
 from __future__ import annotations
 
@@ -185,14 +185,6 @@ def parts_of(plan: Plan, vocab_size: int, cover_first: bool) -> Iterator[tuple[f
                                         plan.sequence)
         else:
             yield part.alpha, list_part(part.ids, part.positions, plan.sequence)
-
-
-def combine(stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Split statistics (4, S, P): max, Σ exp(z - max), Σ z, count → lse, Σ z, count per slot."""
-    m, s, zsum, size = stats
-    top = m.amax(0)
-    lse = top + (s * (m - top).exp()).sum(0).log()
-    return lse, zsum.sum(0), size.sum(0)
 
 
 def slot_values(part: Part, per_position: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ The label is never one of the columns: every slot starts its statistics from its
 so a label is counted once whatever the lists hold.
 
 * ``_stats_kernel`` — one pass of online log-sum-exp over a slot's columns (split over ``S``
-  programs for parallelism; ``parts.combine`` merges the splits), with the sums label smoothing
+  programs for parallelism; ``finish.py`` merges the splits), with the sums label smoothing
   needs and, with ``ARGMAX`` (statistics asked for), the running argmax over every column — excluded
   ids and the label included. Logits come from memory (``FUSED=False``) or from
   ``hidden @ weight[cols].T`` tiles.
