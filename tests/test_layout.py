@@ -23,7 +23,7 @@ FLOORS = [
     {"seqloss.plan", "seqloss._validate_sampled", "seqloss.stats", "seqloss.parallel.sequence"},
     {"seqloss.grouped"},  # the fused engines' shared list part
     {"seqloss.torch_logits", "seqloss.torch_linear", "seqloss.kernels", "seqloss.kernels.engine",
-     "seqloss.kernels.parts", "seqloss.kernels.support_ce", "seqloss.kernels.candidates", "seqloss.torch_sampled", "seqloss.parallel.vocab_logits"},
+     "seqloss.kernels.parts", "seqloss.kernels.support_ce", "seqloss.kernels.candidates", "seqloss.kernels.finish", "seqloss.torch_sampled", "seqloss.parallel.vocab_logits"},
     {"seqloss.autograd"},
     {"seqloss.dispatch"},
     {"seqloss.functional", "seqloss.parallel.normalise"},

@@ -56,7 +56,7 @@ def test_canonical_ids_hold_each_valid_id_once(ids, drop):
     for row_in, row_out in zip(ids.tolist(), out.tolist()):
         valid = [v for v in row_out if v >= 0]
         assert set(valid) == {v for v in row_in if v >= 0} - set(drop)
-        assert valid == sorted(set(valid)), "sorted, each id once"
+        assert valid == sorted(set(valid), reverse=True), "sorted (descending), each id once"
         assert row_out == valid + [PAD] * (len(row_out) - len(valid)), "valid ids first, then PAD"
     if out.numel():
         assert out.shape[-1] == max(1, int((out >= 0).sum(-1).max())), "trailing padding trimmed"
@@ -65,7 +65,7 @@ def test_canonical_ids_hold_each_valid_id_once(ids, drop):
 def test_canonical_ids_keep_leading_dims():
     ids = torch.tensor([[[3, 3, -1], [2, 5, 2]], [[-4, -4, -4], [7, 1, 7]]])
     out = canonical_ids(ids)
-    assert out.tolist() == [[[3, PAD], [2, 5]], [[PAD, PAD], [1, 7]]]
+    assert out.tolist() == [[[3, PAD], [5, 2]], [[PAD, PAD], [7, 1]]]
     assert canonical_ids(torch.empty(2, 0, dtype=torch.long)).tolist() == [[PAD], [PAD]]
 
 
@@ -88,7 +88,7 @@ def test_no_ignored_label_leaks_into_a_row_set(batch, drop):
 def test_token_sets_example():
     labels = torch.tensor([[5, 5, IGNORE, 2], [IGNORE, IGNORE, IGNORE, IGNORE]])
     sets = token_sets(labels, labels != IGNORE)
-    assert sets.tolist() == [[[2, 5]], [[PAD, PAD]]]
+    assert sets.tolist() == [[[5, 2]], [[PAD, PAD]]]
 
 
 # --- first_supervised --------------------------------------------------------------------------
@@ -171,12 +171,12 @@ def test_support_kinds():
     assert isinstance(OBJECTIVES["mle"].build(t), FullSupport)
     smile = OBJECTIVES["smile"].build(t, exclude_ids=(9,))
     assert isinstance(smile, ListSupport)
-    assert smile.ids.tolist() == [[[4, PAD]], [[1, 2]]]
+    assert smile.ids.tolist() == [[[4, PAD]], [[2, 1]]]
     assert smile.full_positions.tolist() == [[True, False, False, False], [False, True, False, False]]
     assert OBJECTIVES["smile"].build(t, first_token_mle=False).full_positions is None
     reverse = OBJECTIVES["reverse_subset"].build(t, exclude_ids=(0,))
     assert isinstance(reverse, FullSupport)
-    assert reverse.exclude.tolist() == [[0, 4, 9], [0, 1, 2]]
+    assert reverse.exclude.tolist() == [[9, 4, 0], [2, 1, 0]]
     eos = OBJECTIVES["selective_eos"].build(t, eos_token_id=3)
     assert eos.exclude.tolist() == [[3], [3]]
     rand = OBJECTIVES["random_subset"].build(t, num_samples=3, generator=generator(0), exclude_ids=(5,))
@@ -185,7 +185,7 @@ def test_support_kinds():
     per_row = OBJECTIVES["subset"].build(t, include=torch.tensor([[3, 3, -1], [-1, -1, -1]]))
     assert per_row.ids.tolist() == [[[3]], [[PAD]]]
     excl = OBJECTIVES["subset"].build(t, exclude=torch.tensor([[7, -1, 7], [2, 0, 2]]))
-    assert excl.exclude.tolist() == [[7, PAD], [0, 2]]
+    assert excl.exclude.tolist() == [[7, PAD], [2, 0]]
 
 
 def test_subset_per_position_candidates_shift_with_the_labels():

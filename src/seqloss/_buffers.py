@@ -185,13 +185,21 @@ class Grads:
                    zeros((vocab_size,), torch.float32, device) if want and need[2] else None, want and need[1],
                    (vocab_size, width), dtype=dtype)
 
-    def weight_buffer(self, device: torch.device) -> Tensor:
-        """The weight gradient, allocated (zeroed) on first use, from a reused ``workspace``."""
-        if self.weight is None:
-            self.weight, is_zero = workspace(self.shape, self.dtype, device)
-            if not is_zero:
-                self.weight.zero_()
-        return self.weight
+    def weight_buffer(self, device: torch.device, zero: bool = True) -> bool:
+        """Allocate the weight gradient on first use, from a reused ``workspace``, zeroed — or with
+        ``zero=False`` as it comes (the caller then writes every entry, or calls ``zero_weight``).
+        False only for a fresh buffer left stale."""
+        if self.weight is not None:
+            return True
+        self.weight, is_zero = workspace(self.shape, self.dtype, device)
+        if zero and not is_zero:
+            self.weight.zero_()
+        return zero or is_zero
+
+    def zero_weight(self) -> None:
+        """Zero a weight gradient allocated with ``weight_buffer(zero=False)``."""
+        if self.weight is not None:
+            self.weight.zero_()
 
     def add_dense(self, idx: Tensor, z: Tensor, h: Tensor, weight: Tensor) -> None:
         """Gradients from full rows: positions ``idx`` (C,), z (C, V) fp32 = dloss/dlogits, h (C, H)."""
@@ -213,8 +221,9 @@ class Grads:
 
     def add_weight_rows(self, index: Tensor, rows: Tensor) -> None:
         """weight[index] += rows, repeated indices accumulating."""
-        buffer = self.weight_buffer(rows.device)
-        buffer.index_add_(0, index, rows.to(buffer.dtype))
+        self.weight_buffer(rows.device)
+        assert self.weight is not None
+        self.weight.index_add_(0, index, rows.to(self.weight.dtype))
 
     def add_hidden_rows(self, index: Tensor, rows: Tensor) -> None:
         """hidden[index] += rows."""

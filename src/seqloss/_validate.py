@@ -240,7 +240,7 @@ def check_labels(labels: Any, expected_shape: Sequence[int], vocab_size: int, ig
                          f"{tuple(expected_shape)}")
     labels = moved(labels, "labels", device)
     if not tracing():
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+        bad = (labels.clamp(0, vocab_size - 1) != labels) & (labels != ignore_index)
         if bool(bad.any()):
             value = int(labels[bad].flatten()[0])
             raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; found {value}")

@@ -58,10 +58,12 @@ def compute_dtype(inputs: Sequence[Optional[Tensor]]) -> torch.dtype:
 
 def _outputs(out: EngineOutput, plan: AnyPlan) -> tuple[Tensor, Tensor, Tensor]:
     """The engine's per-position values → the op's outputs: weighted by coef, summed for scalars."""
-    loss, z_part = out.loss * plan.coef, out.z_part
-    z = (z_part * plan.coef) if z_part is not None else loss.new_empty(0)
-    if plan.scalar:
-        loss, z = loss.sum(), (z.sum() if z_part is not None else z)
+    if plan.scalar:  # Σ coef·loss as one product
+        loss = torch.dot(out.loss.reshape(-1), plan.coef.reshape(-1))
+        z = out.z_part.reshape(-1).dot(plan.coef.reshape(-1)) if out.z_part is not None else loss.new_empty(0)
+    else:
+        loss = out.loss * plan.coef
+        z = out.z_part * plan.coef if out.z_part is not None else loss.new_empty(0)
     return loss, z, out.predicted if out.predicted is not None else plan.labels.new_empty(0)
 
 
@@ -93,6 +95,7 @@ class EngineFunction(torch.autograd.Function):
         with torch.autocast(x0.device.type, enabled=False):
             out = engine.forward((x0, x1, x2), plan, need if in_forward else (False,) * 3, dtype)
         ctx.op, ctx.plan, ctx.dtype, ctx.need = op, plan, dtype, need
+        ctx.set_materialize_grads(False)  # the z-loss part and the argmax ids take no gradient: no zeros for them
         ctx.grads = out.grads if in_forward else None
         if not in_forward:
             ctx.save_for_backward(x0, x1, x2)

@@ -27,7 +27,7 @@ from torch import Tensor
 from ._buffers import Grads
 from .call import SoftmaxOptions
 from .plan import Plan, sequence_groups
-from .token_math import PositionSums, TokenTerms, candidate_support, candidates
+from .token_math import PositionSums, candidate_support, candidates
 
 # Gathered head rows per block of groups (groups × (K + M) × H elements).
 LIST_BLOCK_ELEMENTS = 1 << 24
@@ -120,32 +120,34 @@ class CandidateRows(Protocol):
     """The softmax over a block's candidates: ``torch_candidate_rows`` or the Triton engine's kernel."""
 
     def __call__(self, z_list: Tensor, z_y: Tensor, listed: Tensor, y: Tensor, on: Tensor, bias: Optional[Tensor],
-                 w: Optional[Tensor], softmax: SoftmaxOptions, fold: bool,
-                 dtype: torch.dtype) -> tuple[TokenTerms, Optional[Tensor], Optional[Tensor]]: ...
+                 w: Optional[Tensor], softmax: SoftmaxOptions, fold: bool, dtype: torch.dtype, sums: PositionSums,
+                 index: Tensor, alpha: float) -> tuple[Optional[Tensor], Optional[Tensor]]: ...
 
 
 def torch_candidate_rows(z_list: Tensor, z_y: Tensor, listed: Tensor, y: Tensor, on: Tensor, bias: Optional[Tensor],
-                         w: Optional[Tensor], softmax: SoftmaxOptions, fold: bool,
-                         dtype: torch.dtype) -> tuple[TokenTerms, Optional[Tensor], Optional[Tensor]]:
+                         w: Optional[Tensor], softmax: SoftmaxOptions, fold: bool, dtype: torch.dtype,
+                         sums: PositionSums, index: Tensor, alpha: float) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """List logits ``z_list`` (g, M, K) fp32 and label logits ``z_y`` (g, M, 1) of positions ``on``
-    (g, M) with labels ``y`` (g, M, 1) and lists ``listed`` (g, K) → the terms (g, M, 1) and, given
-    the weights ``w`` (g, M, 1), the gradients of Σ w·loss w.r.t. the list logits (g, M, K), in
-    ``dtype``, and the label logits (g, M, 1) fp32. With ``fold`` a label found in its list takes its
-    gradient through that id's column (its label gradient is then 0)."""
+    (g, M) with labels ``y`` (g, M, 1) and lists ``listed`` (g, K) → α × the terms added into
+    ``sums`` at the positions ``index`` (g·M,) and, given the weights ``w`` (g, M, 1), the gradients
+    of Σ α·w·loss w.r.t. the list logits (g, M, K), in ``dtype``, and the label logits (g, M, 1) fp32.
+    With ``fold`` a label found in its list takes its gradient through that id's column (its label
+    gradient is then 0)."""
     M, K = z_list.shape[1], z_list.shape[2]
     cand, valid = candidates(listed.unsqueeze(1).expand(-1, M, -1), y, on)     # (g, M, K+1)
     z = torch.cat([z_list, z_y], dim=-1)
     if bias is not None:
         z = z + bias[cand].float()
-    terms, g = candidate_support(z, valid, w, softmax)
+    terms, g = candidate_support(z, valid, None if w is None else alpha * w.float(), softmax)
+    sums.add(index, alpha, terms)
     if g is None:
-        return terms, None, None
+        return None, None
     g_list, g_y = g[..., :K], g[..., K:]
     if fold:
         in_list = (listed.unsqueeze(1) == y) & (listed.unsqueeze(1) >= 0)      # (g, M, K), ids unique
         g_list = g_list + g_y * in_list
         g_y = g_y * ~in_list.any(-1, keepdim=True)                              # labels outside the list
-    return terms, g_list.to(dtype), g_y
+    return g_list.to(dtype), g_y
 
 
 def list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, alpha: float, ids: Tensor,
@@ -177,24 +179,24 @@ def list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan
             h, y, on = h_flat[flat], y_flat[flat].unsqueeze(-1), on_flat[flat] & (slot >= 0)
             w_g = None if w_all is None else w_all.reshape(-1)[flat] * on
         listed = ids_g[sl]
-        w_rows = weight[listed.clamp(min=0)]                                    # (g, K, H)
+        rows_at = listed.clamp(min=0)
+        w_rows = weight[rows_at]                                                # (g, K, H)
         w_y = weight[y.squeeze(-1)]                                             # (g, M, H)
         if not fast:
             h, w_rows, w_y = h.float(), w_rows.float(), w_y.float()
-        w = None if w_g is None else alpha * w_g.unsqueeze(-1).float()
+        w = None if w_g is None else w_g.unsqueeze(-1)
         # The bias gradient sums the list gradient unrounded; the products take it in their dtype.
         dtype = torch.float32 if grads.bias is not None else h.dtype
-        terms, g_list, g_y = rows(bmm32(h, w_rows.transpose(1, 2)), _label_dots(h, w_y), listed, y, on, bias, w,
-                                  plan.softmax, fold, dtype)
-        sums.add(flat.flatten(), alpha, terms)
+        g_list, g_y = rows(bmm32(h, w_rows.transpose(1, 2)), _label_dots(h, w_y), listed, y, on, bias, w,
+                           plan.softmax, fold, dtype, sums, flat.flatten(), alpha)
         if g_list is not None and g_y is not None:
-            _add_gradients(g_list, g_y, listed, y, h, w_rows, w_y, flat, grads, sl.start * M if batch_rows else None)
+            _add_gradients(g_list, g_y, rows_at, y, h, w_rows, w_y, flat, grads, sl.start * M if batch_rows else None)
 
 
-def _add_gradients(g_list: Tensor, g_y: Tensor, listed: Tensor, y: Tensor, h: Tensor, w_rows: Tensor, w_y: Tensor,
+def _add_gradients(g_list: Tensor, g_y: Tensor, rows_at: Tensor, y: Tensor, h: Tensor, w_rows: Tensor, w_y: Tensor,
                    flat: Tensor, grads: Grads, first: Optional[int]) -> None:
-    """A block's gradients from dloss/dz: ``g_list`` (g, M, K) w.r.t. the list logits, ``g_y``
-    (g, M, 1) w.r.t. the label logits. ``first``: the block's positions are the hidden rows from
+    """A block's gradients from dloss/dz: ``g_list`` (g, M, K) w.r.t. the list logits of the head's
+    rows ``rows_at`` (g, K) (a padding entry's gradient is 0), ``g_y`` (g, M, 1) w.r.t. the label logits. ``first``: the block's positions are the hidden rows from
     there on, in order (slices of the batch), else ``flat`` says which they are."""
     H = h.shape[-1]
     g_in = g_list.to(h.dtype)
@@ -205,12 +207,14 @@ def _add_gradients(g_list: Tensor, g_y: Tensor, listed: Tensor, y: Tensor, h: Te
         else:  # a slice of the buffer: no indexed (atomic) additions
             grads.add_hidden_range(first, dh)
     if grads.want_weight:
-        dw_rows = bmm32(g_in.transpose(1, 2), h)                                # (g, K, H)
-        grads.add_weight_rows(listed.clamp(min=0).flatten(), dw_rows.reshape(-1, H))
+        # Into low-precision accumulators the product's own rounding is the one a cast would make.
+        same = grads.dtype == h.dtype and h.dtype in LOW_PRECISION
+        dw_rows = torch.bmm(g_in.transpose(1, 2), h) if same else bmm32(g_in.transpose(1, 2), h)  # (g, K, H)
+        grads.add_weight_rows(rows_at.flatten(), dw_rows.reshape(-1, H))
         # Every label row, those of folded labels with zeros: choosing the others would synchronise
         # with the GPU, which costs more than the additions.
         grads.add_weight_rows(y.flatten(), (g_y * h.float()).reshape(-1, H))
     if grads.bias is not None:
-        listed_at = listed.clamp(min=0).unsqueeze(1).expand_as(g_list)
+        listed_at = rows_at.unsqueeze(1).expand_as(g_list)
         grads.bias.index_add_(0, listed_at.flatten(), g_list.float().flatten())
         grads.bias.index_add_(0, y.flatten(), g_y.flatten())

@@ -207,10 +207,18 @@ def position_weights(t: Targets, c: Common) -> Tensor:
         return weights
     if c.num_items_in_batch is not None:
         denominator = torch.as_tensor(c.num_items_in_batch, dtype=torch.float32, device=weights.device)
+    elif c.class_weight is None and c.token_weights is None:  # a count: 0, or at least 1
+        denominator = weights.sum().clamp(min=1)
     else:
         total = weights.sum()
         denominator = torch.where(total > 0, total, torch.ones_like(total))
     return weights / denominator
+
+
+def safe_labels(t: Targets, c: Common) -> Tensor:
+    """The shifted labels with 0 where there is no target (safe to gather with): valid labels are
+    never negative, so a negative ``ignore_index`` (Hugging Face's -100) only needs a clamp."""
+    return t.labels.clamp(min=0) if c.ignore_index < 0 else torch.where(t.target_mask, t.labels, 0)
 
 
 def support_parts(supports: list[tuple[float, FullSupport | ListSupport]], target_mask: Tensor) -> list[SupportPart]:
@@ -224,10 +232,9 @@ def support_parts(supports: list[tuple[float, FullSupport | ListSupport]], targe
             parts.append(SupportPart(alpha, support.exclude, None, target_mask))
             continue
         list_positions = target_mask
-        if support.full_positions is not None:
-            full_positions = support.full_positions & target_mask
-            list_positions = target_mask & ~full_positions
-            parts.append(SupportPart(alpha, None, None, full_positions))
+        if support.full_positions is not None:  # a subset of the target positions
+            list_positions = target_mask ^ support.full_positions
+            parts.append(SupportPart(alpha, None, None, support.full_positions))
         parts.append(SupportPart(alpha, None, support.ids, list_positions))
     return parts
 
@@ -237,7 +244,7 @@ def plan_of(call: Call) -> Plan:
     c = call.common
     t = targets_of(call.labels, c, call.vocab_size)
     supports = [(m.weight, OBJECTIVES[m.name].build(t, **m.options)) for m in call.members]
-    plan = Plan(torch.where(t.target_mask, t.labels, 0), t.target_mask, position_weights(t, c),
+    plan = Plan(safe_labels(t, c), t.target_mask, position_weights(t, c),
                 support_parts(supports, t.target_mask), None if t.sequences is None else t.sequences.index,
                 c.softmax, scalar=c.reduction in ("mean", "sum"), stats=c.return_stats, shard=c.vocab_parallel,
                 exact=c.exact_accumulation)
@@ -250,6 +257,6 @@ def sampled_plan_of(call: SampledCall) -> SampledPlan:
     t = targets_of(call.labels, c, call.vocab_size)
     assert call.negatives is not None  # drawn by the dispatch, once, before the branch
     lowering = call.negatives.log_expected if call.log_q_correction else None
-    return SampledPlan(torch.where(t.target_mask, t.labels, 0), t.target_mask, position_weights(t, c),
+    return SampledPlan(safe_labels(t, c), t.target_mask, position_weights(t, c),
                        call.negatives.ids, lowering, c.softmax, call.remove_accidental_hits,
                        scalar=c.reduction in ("mean", "sum"))

@@ -9,7 +9,7 @@ S(b, n) of vocabulary ids that always contains the label y. Two shapes of rule c
   ``subset(include=...)``). The work is O(K) per position; positions flagged in
   ``full_positions`` (SMILE's first-token MLE) use all V ids instead.
 
-Lists hold ids sorted and de-duplicated with -1 as padding, so that an id is never counted twice in
+Lists hold ids sorted (descending) and de-duplicated with -1 as padding after them, so that an id is never counted twice in
 a log-sum-exp. The label itself is *not* stored in a list: the loss adds it once per position.
 Exclusions are always one list per sequence, (L, K); candidates one per sequence, (L, 1, K), or one
 per position, (B, N, K) (``subset(include=)`` per label position).
@@ -49,7 +49,7 @@ class ListSupport:
     """The label plus ``ids`` (L, 1, K) per row or sequence, or (B, N, K) per position, PAD-padded,
     unique along K.
 
-    ``full_positions`` (B, N) bool marks positions that use every id instead (first-token MLE).
+    ``full_positions`` (B, N) bool marks target positions that use every id instead (first-token MLE).
     """
 
     ids: Tensor
@@ -150,8 +150,7 @@ def shift_candidates(candidates: Tensor, shift: bool) -> Tensor:
 def first_supervised(target_mask: Tensor, sequences: Optional[Sequences] = None) -> Tensor:
     """(B, N) bool: True at the first position of each row (each sequence) that has a target."""
     if sequences is None:
-        seen_before = target_mask.long().cumsum(dim=-1) - target_mask.long()
-        return target_mask & (seen_before == 0)
+        return target_mask & (target_mask.long().cumsum(dim=-1) == 1)
     supervised = target_mask.reshape(-1).long()
     seen_before = supervised.cumsum(0) - supervised                    # in row-major order
     index = sequences.index.reshape(-1)
@@ -165,27 +164,26 @@ def first_supervised(target_mask: Tensor, sequences: Optional[Sequences] = None)
 
 
 def canonical_ids(ids: Tensor, drop: Optional[Tensor] = None) -> Tensor:
-    """Sort each list, turn repeats and ``drop`` ids (1-D) into PAD, and trim trailing padding.
+    """Sort each list (descending), turn repeats and ``drop`` ids (1-D) into PAD, and trim trailing
+    padding.
 
     ``ids`` (..., K) long with negative entries as padding. The result keeps the leading shape,
-    holds each id once, and its last dimension is the longest list after de-duplication (≥ 1).
+    holds each id once, valid ids first, and its last dimension is the longest list after
+    de-duplication (≥ 1). Descending, padding sorts last as it is: nine tensor operations.
     """
-    big = torch.iinfo(ids.dtype).max  # padding sorts last as this
-    gone = ids < 0
     if drop is not None and drop.numel():
-        gone = gone | torch.isin(ids, drop)
-    ids = ids.masked_fill(gone, big).sort(dim=-1).values
+        ids = ids.masked_fill(torch.isin(ids, drop), PAD)
+    ids = ids.sort(dim=-1, descending=True).values
     if ids.shape[-1] > 1:  # a repeat becomes padding, and the valid ids move first again
-        repeat = ids[..., 1:] == ids[..., :-1]
-        ids = torch.cat([ids[..., :1], ids[..., 1:].masked_fill(repeat, big)], dim=-1).sort(dim=-1).values
-    ids = ids.masked_fill(ids == big, PAD)
+        ids[..., 1:].masked_fill_(ids[..., 1:] == ids[..., :-1], PAD)    # ids is the sort's own output
+        ids = ids.sort(dim=-1, descending=True).values
     if torch.compiler.is_compiling():  # the trim reads data; under tracing keep K (same losses, padded)
-        return ids.contiguous() if ids.shape[-1] else torch.full((*ids.shape[:-1], 1), PAD, dtype=ids.dtype,
-                                                                       device=ids.device)
+        return ids.clamp(min=PAD) if ids.shape[-1] else torch.full((*ids.shape[:-1], 1), PAD, dtype=ids.dtype,
+                                                                  device=ids.device)
     width = max(int((ids >= 0).sum(dim=-1).max()) if ids.numel() else 0, 1)
     if ids.shape[-1] < width:  # only when K was 0
         return torch.full((*ids.shape[:-1], width), PAD, dtype=ids.dtype, device=ids.device)
-    return ids[..., :width].contiguous()
+    return ids[..., :width].clamp(min=PAD)  # every padding entry PAD; a fresh, contiguous tensor
 
 
 def token_sets(labels: Tensor, target_mask: Tensor, drop: Optional[Tensor] = None,

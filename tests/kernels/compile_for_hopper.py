@@ -14,6 +14,7 @@ from triton.compiler import ASTSource
 
 from seqloss.kernels import support_ce as kern
 from seqloss.kernels.candidates import _candidate_kernel
+from seqloss.kernels.finish import _finish_kernel
 from seqloss.kernels.parts import fused_tiles
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "compiling needs Triton without its interpreter"
@@ -43,16 +44,28 @@ def compile_variant(fn, dtype: str, fused: bool, constants: dict, accumulate: st
 def compile_candidates(gradient: str) -> None:
     """The list parts' candidate softmax, its list gradient in ``gradient`` (the products' dtype, or
     fp32 with a bias), every option on."""
-    types = dict(zl_ptr="*fp32", zy_ptr="*fp32", ids_ptr="*i64", y_ptr="*i64", on_ptr="*i8", b_ptr="*bf16",
-                 w_ptr="*fp32", tok_ptr="*fp32", zt_ptr="*fp32", gl_ptr=f"*{gradient}", gy_ptr="*fp32",
-                 eps="fp32", zeta="fp32", cap="fp32")
-    constants = dict(HAS_BIAS=True, SOFTCAP=True, GRAD=True, FOLD=True, BLOCK_K=2048)
-    fn = _candidate_kernel
+    types = dict(zl_ptr="*fp32", zy_ptr="*fp32", ids_ptr="*i64", y_ptr="*i64", on_ptr="*u8", b_ptr="*bf16",
+                 w_ptr="*fp32", index_ptr="*i64", loss_ptr="*fp32", zpart_ptr="*fp32", gl_ptr=f"*{gradient}",
+                 gy_ptr="*fp32", alpha="fp32", eps="fp32", zeta="fp32", cap="fp32")
+    _compile_plain(_candidate_kernel, types, dict(HAS_BIAS=True, SOFTCAP=True, GRAD=True, FOLD=True, ZPART=True,
+                                                  BLOCK_K=2048), gradient)
+
+
+def compile_finish(weights: bool) -> None:
+    """A full part's finishing kernel, every option on, with and without the gradient pass's values."""
+    types = dict(split_ptr="*fp32", zy_ptr="*fp32", rows_ptr="*i64", on_ptr="*u8", w_ptr="*fp32", loss_ptr="*fp32",
+                 zpart_ptr="*fp32", lse_ptr="*fp32", size_ptr="*fp32", coef_ptr="*fp32", pscale_ptr="*fp32",
+                 alpha="fp32", eps="fp32", zeta="fp32")
+    _compile_plain(_finish_kernel, types, dict(SMOOTH=True, ZLOSS=True, ZPART=True, WEIGHTS=weights, BLOCK=1024),
+                   f"weights={weights}")
+
+
+def _compile_plain(fn, types: dict, constants: dict, label: str) -> None:
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()})
     assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
-    print("ok", fn.__name__, gradient)
+    print("ok", fn.__name__, label)
 
 
 def main() -> None:
@@ -83,8 +96,15 @@ def main() -> None:
     compile_variant(kern._stats_kernel, dtype, True,
                     dict(LIST=False, EXCLUDE=False, FUSED=True, HAS_BIAS=False, SOFTCAP=False, UPCAST=False,
                          PRECISION="tf32", ARGMAX=True, BLOCK_M=64, BLOCK_C=128, BLOCK_H=64))
+    # SMILE's first tokens in one block of slots: the weight gradient written, not added.
+    compile_variant(kern._grad_kernel, dtype, True,
+                    dict(LIST=False, EXCLUDE=False, FUSED=True, HAS_BIAS=False, SOFTCAP=False, UPCAST=False,
+                         PRECISION="tf32", STORE=False, GRAD_X=True, GRAD_W=True, GRAD_B=False, FILTER=2.0 ** -12,
+                         RMW=False, STORE_W=True, BLOCK_M=16, BLOCK_C=128, BLOCK_H=64), "bf16")
     for gradient in ("bf16", "fp32"):
         compile_candidates(gradient)
+    for weights in (True, False):
+        compile_finish(weights)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from seqloss import kernels  # noqa: E402
 from seqloss.call import SoftmaxOptions  # noqa: E402
 from seqloss.grouped import torch_candidate_rows  # noqa: E402
 from seqloss.kernels.candidates import candidate_rows  # noqa: E402
+from seqloss.token_math import PositionSums  # noqa: E402
 from tests.conftest import generator  # noqa: E402
 
 pytestmark = pytest.mark.skipif(kernels.unavailable_reason(torch.device("cpu")) is not None,
@@ -34,19 +35,28 @@ def _case(seed: int, groups: int, M: int, K: int, V: int, bias: bool, weights: b
     return z_list, z_y, listed, y.unsqueeze(-1), on, b, w
 
 
+def _run(rows, case, softmax: SoftmaxOptions, fold: bool, dtype: torch.dtype, alpha: float = 1.0):
+    """``rows`` on a case → the sums it added to (losses, z-loss terms) and the two gradients."""
+    z_list = case[0]
+    count = z_list.shape[0] * z_list.shape[1]
+    sums = PositionSums(count + 3, z_list.device, stats=True)
+    index = torch.randperm(count + 3, generator=generator(count))[:count]     # positions in any order
+    g_list, g_y = rows(*case, softmax, fold, dtype, sums, index, alpha)
+    return sums, g_list, g_y
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), groups=st.integers(1, 3), M=st.integers(1, 5), K=st.integers(1, 40),
-       bias=st.booleans(), weights=st.booleans(), fold=st.booleans(),
+       bias=st.booleans(), weights=st.booleans(), fold=st.booleans(), alpha=st.sampled_from([1.0, 0.3]),
        eps=st.sampled_from([0.0, 0.1]), zeta=st.sampled_from([0.0, 1e-3]), cap=st.sampled_from([0.0, 4.0]))
-def test_the_kernel_equals_its_torch_twin(seed, groups, M, K, bias, weights, fold, eps, zeta, cap):
+def test_the_kernel_equals_its_torch_twin(seed, groups, M, K, bias, weights, fold, alpha, eps, zeta, cap):
     case = _case(seed, groups, M, K, V=max(K, 50), bias=bias, weights=weights)
     softmax = SoftmaxOptions(label_smoothing=eps, z_loss=zeta, softcap=cap)
-    want = torch_candidate_rows(*case, softmax, fold, torch.float32)
-    got = candidate_rows(*case, softmax, fold, torch.float32)
+    want = _run(torch_candidate_rows, case, softmax, fold, torch.float32, alpha)
+    got = _run(candidate_rows, case, softmax, fold, torch.float32, alpha)
     torch.testing.assert_close(got[0].loss, want[0].loss, atol=1e-5, rtol=1e-5)
-    if zeta:
-        assert got[0].z_term is not None and want[0].z_term is not None
-        torch.testing.assert_close(got[0].z_term, want[0].z_term, atol=1e-5, rtol=1e-5)
+    assert got[0].z_part is not None and want[0].z_part is not None
+    torch.testing.assert_close(got[0].z_part, want[0].z_part, atol=1e-5, rtol=1e-5)
     assert (got[1] is None) == (want[1] is None) == (not weights)
     if weights:
         for a, b in zip(got[1:], want[1:]):
@@ -55,20 +65,23 @@ def test_the_kernel_equals_its_torch_twin(seed, groups, M, K, bias, weights, fol
 
 def test_the_list_gradient_comes_in_the_products_dtype():
     case = _case(1, 2, 3, 11, 40, bias=False, weights=True)
-    terms, g_list, g_y = candidate_rows(*case, SoftmaxOptions(), True, torch.bfloat16)
+    sums, g_list, g_y = _run(candidate_rows, case, SoftmaxOptions(), True, torch.bfloat16)
     assert g_list is not None and g_y is not None
-    assert g_list.dtype == torch.bfloat16 and g_y.dtype == torch.float32 and terms.loss.dtype == torch.float32
-    want = torch_candidate_rows(*case, SoftmaxOptions(), True, torch.float32)[1]
+    assert g_list.dtype == torch.bfloat16 and g_y.dtype == torch.float32 and sums.loss.dtype == torch.float32
+    want = _run(torch_candidate_rows, case, SoftmaxOptions(), True, torch.float32)[1]
     torch.testing.assert_close(g_list.float(), want, atol=1e-2, rtol=2 ** -8)
 
 
 def test_a_large_list_runs_in_several_blocks_and_an_unsupervised_row_stays_finite():
-    z_list, z_y, listed, y, on, b, w = _case(2, 1, 2, 70, 90, bias=True, weights=True)
+    case = _case(2, 1, 2, 70, 90, bias=True, weights=True)
+    z_y, on = case[1], case[4]
     on[0, 0] = False
     z_y[0, 0] = 500.0  # the logit of a position that is not scored: no overflow may reach its gradient
-    got = candidate_rows(z_list, z_y, listed, y, on, b, w, SoftmaxOptions(label_smoothing=0.1), True, torch.float32)
-    want = torch_candidate_rows(z_list, z_y, listed, y, on, b, w, SoftmaxOptions(label_smoothing=0.1), True,
-                                torch.float32)
-    assert all(torch.isfinite(t).all() for t in (got[0].loss, got[1], got[2]))
-    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
-    assert float(got[0].loss[0, 0]) == 0.0 and float(got[2][0, 0]) == 0.0
+    softmax = SoftmaxOptions(label_smoothing=0.1)
+    sums, g_list, g_y = _run(candidate_rows, case, softmax, True, torch.float32)
+    want = _run(torch_candidate_rows, case, softmax, True, torch.float32)
+    assert g_list is not None and g_y is not None
+    assert all(torch.isfinite(t).all() for t in (sums.loss, g_list, g_y))
+    torch.testing.assert_close(g_list, want[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sums.loss, want[0].loss, atol=1e-5, rtol=1e-5)
+    assert float(g_y[0, 0]) == 0.0

@@ -242,3 +242,56 @@ def test_a_kernel_that_does_not_fit_the_gpu_runs_with_the_fallback_tile(monkeypa
         torch.testing.assert_close(g, w)
     with pytest.raises(OutOfResources):  # no fallback: the error stands
         engine.fitted(lambda b: TooLarge(None)[0](BLOCK_M=b.m), Blocks(32, 16, 16, splits=1))
+
+
+@pytest.mark.parametrize("name", ["smile", "mle", "random_subset", "mle+smile"])
+def test_a_stale_weight_gradient_buffer_is_written_or_zeroed(monkeypatch, name):
+    """Where the weight gradient's buffer comes stale (a GPU's, or a reused CPU map), a first full part
+    in one block of slots (SMILE's first tokens) writes every row, zeros where a tile was skipped;
+    otherwise the buffer is zeroed: with NaN in every entry, no NaN may be left."""
+    from seqloss import _buffers
+    from seqloss.kernels import engine
+
+    stores = []
+    real = engine.gradients
+
+    def recorded(*args, **kwargs):
+        stores.append(kwargs.get("store_w", False))
+        return real(*args, **kwargs)
+
+    hidden, weight, bias, labels = _inputs(seed=14)
+    want = run_head("logits", hidden, weight, labels, bias, **variant_kwargs(name, labels, weight.shape[0]))
+    monkeypatch.setattr(_buffers, "workspace", lambda shape, dtype, device: (torch.full(shape, float("nan"),
+                                                                                        dtype=dtype), False))
+    monkeypatch.setattr(engine, "gradients", recorded)
+    got = run_head("triton", hidden, weight, labels, bias, **variant_kwargs(name, labels, weight.shape[0]))
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, atol=5e-4, rtol=5e-4)
+    first = {"smile": [True], "mle": [False], "random_subset": [], "mle+smile": [False]}[name]
+    assert stores[:1] == first, "the first full part writes the weight gradient only in a single block"
+
+
+def variant_kwargs(name: str, labels, vocab_size: int) -> dict:
+    if name == "mle+smile":
+        return dict(objective={"mle": 0.5, "smile": 0.5})
+    objective, options = variant(name, labels, vocab_size)
+    return dict(objective=objective, **options)
+
+
+def test_a_written_weight_gradient_equals_an_added_one_where_tiles_are_skipped(monkeypatch):
+    """bf16 SMILE whose softmax is peaked (most tiles under the gradient filter): the first tokens'
+    part writing a stale (NaN) buffer — zeros for the skipped tiles — gives the very gradient that
+    adding into a zeroed buffer gives."""
+    from seqloss import _buffers
+
+    _, weight, _, labels = _inputs(2, 6, 64, 80, seed=13, ignore_fraction=0.0)
+    weight = torch.nn.functional.normalize(weight, dim=-1)
+    low = [t.to(torch.bfloat16) for t in (16.0 * weight[labels], weight)]
+    grads = {}
+    for fill, fresh in ((float("nan"), False), (0.0, True)):
+        monkeypatch.setattr(_buffers, "workspace", lambda shape, dtype, device, fill=fill, fresh=fresh: (
+            torch.full(shape, fill, dtype=dtype), fresh))
+        grads[fresh] = run_head("triton", *low, labels, objective="smile")[1][1]
+    assert not grads[False].isnan().any()
+    assert torch.equal(grads[False], grads[True])

@@ -2,9 +2,9 @@
 computes in some thirty tensor operations, for the Triton engine's list parts.
 
 Each program takes one position: its K list logits (a row of the grouped product ``h @ W_ids.T``)
-and its label's logit, adds the bias, soft-caps, and writes its loss term (and z-loss term) and the
-gradient of w·loss w.r.t. the list logits (in the products' dtype, ready for ``G @ W_ids`` and
-``G.T @ h``) and w.r.t. the label's logit — a label found in its list in that id's column when
+and its label's logit, adds the bias, soft-caps, adds α × its loss term (and z-loss term) into the
+per-position sums, and writes the gradient of α·w·loss w.r.t. the list logits (in the products'
+dtype, ready for ``G @ W_ids`` and ``G.T @ h``) and w.r.t. the label's logit — a label found in its list in that id's column when
 ``fold`` says so. Two passes over the row in blocks of ``BLOCK_K``: an online log-sum-exp, then the
 gradient.
 """
@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..call import SoftmaxOptions
-from ..token_math import TokenTerms
+from ..token_math import PositionSums
 from .parts import interpreting
 from .support_ce import NEG, soft_cap
 
@@ -48,10 +48,10 @@ def _chunk(zl_ptr, ids_ptr, b_ptr, r, group, k0, K, y, on, cap, HAS_BIAS: tl.con
 
 
 @triton.jit
-def _candidate_kernel(zl_ptr, zy_ptr, ids_ptr, y_ptr, on_ptr, b_ptr, w_ptr, tok_ptr, zt_ptr, gl_ptr, gy_ptr,
-                      M, K, eps, zeta, cap,
+def _candidate_kernel(zl_ptr, zy_ptr, ids_ptr, y_ptr, on_ptr, b_ptr, w_ptr, index_ptr, loss_ptr, zpart_ptr, gl_ptr,
+                      gy_ptr, M, K, alpha, eps, zeta, cap,
                       HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, GRAD: tl.constexpr, FOLD: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      ZPART: tl.constexpr, BLOCK_K: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     group = r // M
     y = tl.load(y_ptr + r)
@@ -80,10 +80,12 @@ def _candidate_kernel(zl_ptr, zy_ptr, ids_ptr, y_ptr, on_ptr, b_ptr, w_ptr, tok_
     size = tl.maximum(size, 1.0)
     tok = lse - (1.0 - eps) * zy - eps * zsum / size
     z_term = zeta * lse * lse
-    tl.store(tok_ptr + r, tl.where(on, tok + z_term, 0.0))
-    tl.store(zt_ptr + r, tl.where(on, z_term, 0.0))
+    position = tl.load(index_ptr + r)
+    tl.atomic_add(loss_ptr + position, alpha * (tok + z_term), mask=on, sem="relaxed")
+    if ZPART:
+        tl.atomic_add(zpart_ptr + position, alpha * z_term, mask=on, sem="relaxed")
     if GRAD:
-        w = tl.where(on, tl.load(w_ptr + r), 0.0)
+        w = tl.where(on, alpha * tl.load(w_ptr + r), 0.0)
         scale = w * (1.0 + 2.0 * zeta * lse) / s
         smooth = w * eps / size
         g_y = tl.where(on, (tl.exp(tl.where(on, zy, m) - m) * scale - smooth - w * (1.0 - eps)) * slope_y, 0.0)
@@ -101,27 +103,27 @@ def _candidate_kernel(zl_ptr, zy_ptr, ids_ptr, y_ptr, on_ptr, b_ptr, w_ptr, tok_
 
 
 def candidate_rows(z_list: Tensor, z_y: Tensor, listed: Tensor, y: Tensor, on: Tensor, bias: Optional[Tensor],
-                   w: Optional[Tensor], softmax: SoftmaxOptions, fold: bool,
-                   dtype: torch.dtype) -> tuple[TokenTerms, Optional[Tensor], Optional[Tensor]]:
+                   w: Optional[Tensor], softmax: SoftmaxOptions, fold: bool, dtype: torch.dtype, sums: PositionSums,
+                   index: Tensor, alpha: float) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """The kernel's twin of ``grouped.torch_candidate_rows``: list logits ``z_list`` (g, M, K) fp32,
     label logits ``z_y`` (g, M, 1), ``listed`` (g, K) ids (PAD -1), ``y`` (g, M, 1), ``on`` (g, M),
-    ``w`` (g, M, 1) or None → the terms (g, M, 1) and, given ``w``, the list gradient (g, M, K) in
-    ``dtype`` and the label gradient (g, M, 1) fp32."""
+    ``w`` (g, M, 1) or None → α × the terms added into ``sums`` at the positions ``index`` (g·M,)
+    and, given ``w``, the gradients of Σ α·w·loss w.r.t. the list logits (g, M, K) in ``dtype`` and
+    the label logits (g, M, 1) fp32."""
     g, M, K = z_list.shape
     eps, zeta, cap = softmax  # label smoothing, z-loss, soft cap
-    rows = g * M
     device = z_list.device
-    tok = torch.empty(rows, dtype=torch.float32, device=device)
-    z_term = torch.empty(rows, dtype=torch.float32, device=device)
     grad = w is not None
-    g_list = torch.empty((g, M, K), dtype=dtype, device=device) if grad else tok
-    g_y = torch.empty(rows, dtype=torch.float32, device=device) if grad else tok
+    g_list = torch.empty((g, M, K), dtype=dtype, device=device) if grad else sums.loss
+    g_y = torch.empty(g * M, dtype=torch.float32, device=device) if grad else sums.loss
+    z_part = sums.z_part if zeta else None
     block = 16 if interpreting() else min(2048, triton.next_power_of_2(max(K, 16)))
-    _candidate_kernel[(rows,)](
+    on_flat = on.reshape(-1)
+    _candidate_kernel[(g * M,)](
         z_list.contiguous(), z_y.reshape(-1).contiguous(), listed.contiguous(), y.reshape(-1).contiguous(),
-        on.reshape(-1).to(torch.int8), tok if bias is None else bias, tok if w is None else w.reshape(-1).contiguous(),
-        tok, z_term, g_list, g_y, M, K, float(eps), float(zeta), float(cap or 1.0), HAS_BIAS=bias is not None,
-        SOFTCAP=bool(cap), GRAD=grad,
-        FOLD=fold, BLOCK_K=block)
-    terms = TokenTerms(tok.view(g, M, 1), z_term.view(g, M, 1) if zeta else None)
-    return terms, (g_list if grad else None), (g_y.view(g, M, 1) if grad else None)
+        on_flat.view(torch.uint8) if on_flat.dtype == torch.bool else on_flat, sums.loss if bias is None else bias,
+        sums.loss if w is None else w.reshape(-1).contiguous(), index, sums.loss,
+        sums.loss if z_part is None else z_part, g_list, g_y, M, K, float(alpha), float(eps), float(zeta),
+        float(cap or 1.0), HAS_BIAS=bias is not None, SOFTCAP=bool(cap), GRAD=grad, FOLD=fold,
+        ZPART=z_part is not None, BLOCK_K=block)
+    return (g_list, g_y.view(g, M, 1)) if grad else (None, None)

@@ -123,10 +123,11 @@ def _statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor, argmax:
 
 def gradients(src: Source, part: Part, blocks: Blocks, labels: Tensor, coef: Tensor, lse: Tensor, size: Tensor,
               z_y: Tensor, pscale: Tensor, eps: float, gx: Optional[Tensor], gw: Optional[Tensor],
-              gb: Optional[Tensor], store: bool) -> None:
+              gb: Optional[Tensor], store: bool, store_w: bool = False) -> None:
     """Add (or, with ``store``, write) the gradient of Σ coef·loss over a part's slots into the
-    logits' gradient ``gx`` (logits path) or into the hidden/weight/bias gradients (fused);
-    ``pscale`` (P,) multiplies each slot's softmax term (the z-loss)."""
+    logits' gradient ``gx`` (logits path) or into the hidden/weight/bias gradients (fused; with
+    ``store_w`` the weight gradient is written, see ``single_block``); ``pscale`` (P,) multiplies
+    each slot's softmax term (the z-loss)."""
     G, M, C, cols, brows, bitmap = _layout(part, src)
     x, w, b, H, stride_w = src.pointers()
     spare = coef  # stands in for a gradient that is not wanted (never written: its flag is off)
@@ -139,7 +140,7 @@ def gradients(src: Source, part: Part, blocks: Blocks, labels: Tensor, coef: Ten
             x, w, b, part.slot_positions, labels, brows, cols, bitmap, coef, lse, size, pscale, eps, gx_, gw_, gb_,
             M, C, src.vocab_size, H, x.stride(0), stride_w, gx_.stride(0), gw_.stride(0), src.cap or 1.0,
             LIST=part.cols is not None, EXCLUDE=part.bitmap is not None, **src.flags(), STORE=store, **wanted,
-            FILTER=src.filter, BLOCK_M=tile.m, BLOCK_C=tile.c, BLOCK_H=tile.h, **tile.launch())
+            FILTER=src.filter, BLOCK_M=tile.m, BLOCK_C=tile.c, BLOCK_H=tile.h, STORE_W=store_w, **tile.launch())
         return tile
     blocks = fitted(launch, blocks)
     P = G * M
@@ -152,12 +153,27 @@ def gradients(src: Source, part: Part, blocks: Blocks, labels: Tensor, coef: Ten
         FUSED=src.fused, SOFTCAP=src.cap > 0, **wanted, BLOCK_M=m, BLOCK_H=blocks.h)
 
 
+def single_block(part: Part, blocks: Blocks) -> bool:
+    """Whether one block of slots holds the whole full part, with ``blocks`` and its fallbacks: then
+    each program of the gradient pass is alone on its columns, and can write the weight gradient's
+    rows (SMILE's first tokens: a few positions against every id)."""
+    G, M = part.slot_positions.shape
+    tile: Optional[Blocks] = blocks
+    while tile is not None:
+        if G != 1 or M > tile.m:
+            return False
+        tile = tile.fallback
+    return part.cols is None
+
+
 def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights: Optional[Tensor],
                sums: PositionSums, gx: Optional[Tensor], gw: Optional[Tensor] = None,
-               gb: Optional[Tensor] = None) -> None:
+               gb: Optional[Tensor] = None, stale: bool = False) -> bool:
     """Every part: losses, and gradients weighted by ``weights`` (B, N) when given. Only a first
-    part that covers every position stores; the others add. With ``plan.stats``, the supervised
-    positions no full part scored get their argmax from one more statistics pass."""
+    part that covers every position stores; the others add. ``stale``: ``gw`` holds stale values —
+    a first part in a single block writes it, else it is zeroed first; returns whether it is still
+    stale (no gradient pass ran). With ``plan.stats``, the supervised positions no full part scored
+    get their argmax from one more statistics pass."""
     labels = plan.labels.reshape(-1).contiguous()
     eps = plan.softmax.label_smoothing
     # The large Hopper tile where it was measured: low-precision inputs accumulated in their own dtype.
@@ -173,8 +189,12 @@ def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights
             on = slot_values(part, part.positions)
             sums.set_predicted(part.slots[on], stats.predicted[on])
         if slot is not None:
+            store_w = stale and single_block(part, blocks)
+            if stale and not store_w and gw is not None:
+                gw.zero_()
+            stale = False
             gradients(src, part, blocks, labels, slot.coef, slot.lse, slot.size, stats.z_y, slot.pscale, eps, gx, gw,
-                      gb, store=i == 0 and part.covers_all)
+                      gb, store=i == 0 and part.covers_all, store_w=store_w)
     rest = sums.unpredicted(plan.target_mask) if plan.stats else None
     if rest is not None and rest.numel():
         positions = torch.zeros_like(plan.target_mask).view(-1).index_fill_(0, rest, True)
@@ -182,6 +202,7 @@ def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights
         stats = statistics(src, part, blocks_for(part, src.vocab_size, src.fused, src.x.device), labels, argmax=True)
         assert stats.predicted is not None
         sums.set_predicted(part.slots, stats.predicted)
+    return stale
 
 
 def logits_forward(inputs: Inputs, plan: Plan, need: Need, dtype: torch.dtype) -> EngineOutput:
@@ -217,16 +238,18 @@ def linear_forward(inputs: Inputs, plan: Plan, need: Need, dtype: torch.dtype,
     w_all = weights if weights is not None else plan.coef if any(need) else None
     accumulate = accumulator_dtype(dtype, hidden.device, plan.exact)
     grads = Grads.allocate(B * N, H, V, hidden.device, w_all is not None, need, accumulate)
-    if grads.want_weight:  # the kernels add into it from the start
-        grads.weight_buffer(hidden.device)
+    # The weight gradient: written by a first full part in a single block (no zeroing), else zeroed.
+    stale = grads.want_weight and not grads.weight_buffer(hidden.device, zero=False)
     src = Source(hidden.reshape(B * N, H).contiguous(), V, weight.contiguous(),
                  None if bias is None else bias.contiguous(), plan.softmax.softcap)
     sums = PositionSums(B * N, hidden.device, plan.stats)
+    # Full parts first: finding their positions waits for the GPU, best before the list parts' products are queued.
     full = [(p.alpha, full_part(p.exclude, p.positions, V, False, plan.sequence)) for p in plan.parts if p.ids is None]
+    if _run_parts(src, plan, full, w_all, sums, gx=grads.hidden, gw=grads.weight, gb=grads.bias, stale=stale):
+        grads.zero_weight()
     for p in plan.parts:
         if p.ids is not None:
             list_part(hidden, weight, bias, plan, p.alpha, p.ids, p.positions, w_all, sums, grads, candidate_rows)
-    _run_parts(src, plan, full, w_all, sums, gx=grads.hidden, gw=grads.weight, gb=grads.bias)
     return _output(sums, (B, N), grads.results(inputs))
 
 

@@ -202,10 +202,12 @@ def _grad_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr,
                  LIST: tl.constexpr, EXCLUDE: tl.constexpr, FUSED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SOFTCAP: tl.constexpr, STORE: tl.constexpr, GRAD_X: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, FILTER: tl.constexpr, RMW: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, STORE_W: tl.constexpr = False):
     """w·(softmax - ε/|S|) on a tile's columns (0 elsewhere): stored into / added to the logits'
     gradient, or (fused) multiplied into the hidden, weight and bias gradients — unless every
-    |softmax - ε/|S|| of the tile is below ``FILTER`` (Cut Cross-Entropy's gradient filter)."""
+    |softmax - ε/|S|| of the tile is below ``FILTER`` (Cut Cross-Entropy's gradient filter). With
+    ``STORE_W`` (one block of slots: each program alone on its columns) the weight gradient's rows
+    are written, zeros for a filtered tile, not added: the buffer needs no zeroing."""
     cb = tl.program_id(1)
     g, in_group, slot, row, y, brow = _slots(rows_ptr, labels_ptr, brows_ptr, M, EXCLUDE, BLOCK_M)
     coef = tl.load(coef_ptr + slot, mask=in_group, other=0.0)
@@ -223,8 +225,15 @@ def _grad_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr,
     if FUSED:
         if tl.max(tl.max(tl.abs(pv), axis=1), axis=0) >= FILTER:
             _add_tile_gradients(x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr, gz, row, col, H, stride_x, stride_w,
-                                stride_gx, stride_gw, GRAD_X, GRAD_W, GRAD_B, UPCAST, PRECISION, RMW,
+                                stride_gx, stride_gw, GRAD_X, GRAD_W, GRAD_B, UPCAST, PRECISION, RMW, STORE_W,
                                 BLOCK_M, BLOCK_C, BLOCK_H)
+        else:
+            if STORE_W:
+                for h0 in range(0, H, BLOCK_H):
+                    hh = h0 + tl.arange(0, BLOCK_H)
+                    tl.store(gw_ptr + col[:, None].to(tl.int64) * stride_gw + hh[None, :],
+                             tl.zeros((BLOCK_C, BLOCK_H), dtype=gw_ptr.dtype.element_ty),
+                             mask=(col[:, None] >= 0) & (hh[None, :] < H))
     else:
         ptr = gx_ptr + row[:, None].to(tl.int64) * stride_gx + col[None, :]
         mask = (row[:, None] >= 0) & (col[None, :] >= 0)
@@ -238,11 +247,11 @@ def _grad_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, brows_ptr, cols_ptr,
 @triton.jit
 def _add_tile_gradients(x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr, gz, row, col, H, stride_x, stride_w,
                         stride_gx, stride_gw, GRAD_X: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, RMW: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, RMW: tl.constexpr, STORE_W: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
-    """hidden grad += gz @ W[col], weight grad[col] += gz.T @ hidden[row], bias grad[col] += Σ gz,
-    one block of H at a time, with atomics in the accumulators' dtype (other tiles add to the same
-    rows); the bias accumulates in fp32."""
+    """hidden grad += gz @ W[col], weight grad[col] += gz.T @ hidden[row] (= with ``STORE_W``), bias
+    grad[col] += Σ gz, one block of H at a time, with atomics in the accumulators' dtype (other tiles
+    add to the same rows); the bias accumulates in fp32."""
     ok = row >= 0
     gz_in = gz
     if not UPCAST:
@@ -259,8 +268,11 @@ def _add_tile_gradients(x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr, gz, row, col, H, s
             xt = tl.load(x_ptr + row[:, None].to(tl.int64) * stride_x + hh[None, :],
                          mask=ok[:, None] & (hh[None, :] < H), other=0.0)
             dw = _dot(tl.trans(gz_in), xt, tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32), UPCAST, PRECISION)
-            _accumulate(gw_ptr + col[:, None].to(tl.int64) * stride_gw + hh[None, :], dw,
-                        (col[:, None] >= 0) & (hh[None, :] < H), RMW)
+            at = gw_ptr + col[:, None].to(tl.int64) * stride_gw + hh[None, :]
+            if STORE_W:
+                tl.store(at, dw.to(gw_ptr.dtype.element_ty), mask=(col[:, None] >= 0) & (hh[None, :] < H))
+            else:
+                _accumulate(at, dw, (col[:, None] >= 0) & (hh[None, :] < H), RMW)
     if GRAD_B:
         tl.atomic_add(gb_ptr + col, tl.sum(gz, axis=0), mask=col >= 0)
 
