@@ -46,7 +46,7 @@ def test_first_supervised_and_token_sets_per_sequence():
                                                      [False, True, False, False, True]]
     sets = token_sets(labels, mask, sequences=seqs)[:, 0]
     assert sets.shape[0] == 4
-    assert [[i for i in row if i != PAD] for row in sets.tolist()] == [[3, 7], [3, 9], [4, 8], [1]]
+    assert [[i for i in row if i != PAD] for row in sets.tolist()] == [[7, 3], [9, 3], [8, 4], [1]]
 
 
 def test_sequence_reduction_with_turns_sums_rows():

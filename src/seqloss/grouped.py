@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ._buffers import Grads
 from .call import SoftmaxOptions
-from .plan import Plan, sequence_groups
+from .plan import Plan, SupportPart, sequence_groups
 from .token_math import PositionSums, candidate_support, candidates
 
 # Gathered head rows per block of groups (groups × (K + M) × H elements).
@@ -116,26 +116,34 @@ def _label_dots(h: Tensor, w_y: Tensor) -> Tensor:
     return bmm32(h.reshape(g * M, 1, H), w_y.reshape(g * M, H, 1)).reshape(g, M, 1)
 
 
+def _listed_label_logits(z_list: Tensor, listed: Tensor, y: Tensor) -> Tensor:
+    """(g, M, 1): each position's label logit read from its list's column (labels listed; 0 where the
+    label is not in the list: positions not scored)."""
+    return torch.where(listed.unsqueeze(1) == y, z_list, 0.0).sum(-1, keepdim=True)
+
+
 class CandidateRows(Protocol):
     """The softmax over a block's candidates: ``torch_candidate_rows`` or the Triton engine's kernel."""
 
-    def __call__(self, z_list: Tensor, z_y: Tensor, listed: Tensor, y: Tensor, on: Tensor, bias: Optional[Tensor],
-                 w: Optional[Tensor], softmax: SoftmaxOptions, fold: bool, dtype: torch.dtype, sums: PositionSums,
-                 index: Tensor, alpha: float) -> tuple[Optional[Tensor], Optional[Tensor]]: ...
+    def __call__(self, z_list: Tensor, z_y: Optional[Tensor], listed: Tensor, y: Tensor, on: Tensor,
+                 bias: Optional[Tensor], w: Optional[Tensor], softmax: SoftmaxOptions, fold: bool, dtype: torch.dtype,
+                 sums: PositionSums, index: Tensor, alpha: float) -> tuple[Optional[Tensor], Optional[Tensor]]: ...
 
 
-def torch_candidate_rows(z_list: Tensor, z_y: Tensor, listed: Tensor, y: Tensor, on: Tensor, bias: Optional[Tensor],
-                         w: Optional[Tensor], softmax: SoftmaxOptions, fold: bool, dtype: torch.dtype,
-                         sums: PositionSums, index: Tensor, alpha: float) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def torch_candidate_rows(z_list: Tensor, z_y: Optional[Tensor], listed: Tensor, y: Tensor, on: Tensor,
+                         bias: Optional[Tensor], w: Optional[Tensor], softmax: SoftmaxOptions, fold: bool,
+                         dtype: torch.dtype, sums: PositionSums, index: Tensor,
+                         alpha: float) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """List logits ``z_list`` (g, M, K) fp32 and label logits ``z_y`` (g, M, 1) of positions ``on``
     (g, M) with labels ``y`` (g, M, 1) and lists ``listed`` (g, K) → α × the terms added into
     ``sums`` at the positions ``index`` (g·M,) and, given the weights ``w`` (g, M, 1), the gradients
     of Σ α·w·loss w.r.t. the list logits (g, M, K), in ``dtype``, and the label logits (g, M, 1) fp32.
     With ``fold`` a label found in its list takes its gradient through that id's column (its label
-    gradient is then 0)."""
+    gradient is then 0). ``z_y`` None: every scored label is in its list — its logit is read from
+    its column, its gradient folded, and no label gradient comes back (None)."""
     M, K = z_list.shape[1], z_list.shape[2]
     cand, valid = candidates(listed.unsqueeze(1).expand(-1, M, -1), y, on)     # (g, M, K+1)
-    z = torch.cat([z_list, z_y], dim=-1)
+    z = torch.cat([z_list, _listed_label_logits(z_list, listed, y) if z_y is None else z_y], dim=-1)
     if bias is not None:
         z = z + bias[cand].float()
     terms, g = candidate_support(z, valid, None if w is None else alpha * w.float(), softmax)
@@ -143,27 +151,28 @@ def torch_candidate_rows(z_list: Tensor, z_y: Tensor, listed: Tensor, y: Tensor,
     if g is None:
         return None, None
     g_list, g_y = g[..., :K], g[..., K:]
-    if fold:
+    if fold or z_y is None:
         in_list = (listed.unsqueeze(1) == y) & (listed.unsqueeze(1) >= 0)      # (g, M, K), ids unique
         g_list = g_list + g_y * in_list
         g_y = g_y * ~in_list.any(-1, keepdim=True)                              # labels outside the list
-    return g_list.to(dtype), g_y
+    return g_list.to(dtype), (None if z_y is None else g_y)
 
 
-def list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, alpha: float, ids: Tensor,
-              positions: Tensor, w_all: Optional[Tensor], sums: PositionSums, grads: Grads,
-              rows: CandidateRows = torch_candidate_rows) -> None:
-    """Positions whose support is the label plus ``ids``: losses into ``sums``, and (given the
-    weights ``w_all`` (B, N)) the gradients of Σ alpha·w·loss into ``grads``; the products in the
-    inputs' dtype where ``low_precision_products`` says so, else in fp32; the softmax over each
-    position's candidates by ``rows``."""
+def list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan, part: SupportPart,
+              w_all: Optional[Tensor], sums: PositionSums, grads: Grads, rows: CandidateRows = torch_candidate_rows) -> None:
+    """The positions of a list ``part`` (support: the label plus ``part.ids``): losses into ``sums``,
+    and (given the weights ``w_all`` (B, N)) the gradients of Σ alpha·w·loss into ``grads``; the
+    products in the inputs' dtype where ``low_precision_products`` says so, else in fp32; the softmax
+    over each position's candidates by ``rows``. Labels listed (``part.listed``, SMILE's): no label
+    rows are gathered, their logits are their columns'."""
+    assert part.ids is not None
     H = hidden.shape[-1]
     fast = low_precision_products(hidden)
-    ids_g, slots, batch_rows = groups(ids, hidden, plan, positions)
+    ids_g, slots, batch_rows = groups(part.ids, hidden, plan, part.positions)
     ids_g = pad_lists(ids_g, list_multiple(hidden.device))
     G, K = ids_g.shape
-    h_flat, y_flat, on_flat = hidden.reshape(-1, H), plan.labels.reshape(-1), positions.reshape(-1)
-    fold = fold_labels(grads.dtype, hidden.device)
+    h_flat, y_flat, on_flat = hidden.reshape(-1, H), plan.labels.reshape(-1), part.positions.reshape(-1)
+    fold = part.listed or fold_labels(grads.dtype, hidden.device)
     s = 0
     while s < G:
         M = slots.shape[1] if batch_rows else max(1, int((slots[s] >= 0).sum()))  # the block's longest group
@@ -171,7 +180,7 @@ def list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan
         sl = slice(s, s + block)
         s += block
         if batch_rows:  # slices of the batch, no copies
-            h, y, on, flat = hidden[sl], plan.labels[sl].unsqueeze(-1), positions[sl], slots[sl]
+            h, y, on, flat = hidden[sl], plan.labels[sl].unsqueeze(-1), part.positions[sl], slots[sl]
             w_g = None if w_all is None else w_all[sl]
         else:
             slot = slots[sl, :M]
@@ -181,40 +190,50 @@ def list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan
         listed = ids_g[sl]
         rows_at = listed.clamp(min=0)
         w_rows = weight[rows_at]                                                # (g, K, H)
-        w_y = weight[y.squeeze(-1)]                                             # (g, M, H)
+        w_y = None if part.listed else weight[y.squeeze(-1)]                    # (g, M, H)
         if not fast:
-            h, w_rows, w_y = h.float(), w_rows.float(), w_y.float()
+            h, w_rows = h.float(), w_rows.float()
+            w_y = None if w_y is None else w_y.float()
         w = None if w_g is None else w_g.unsqueeze(-1)
         # The bias gradient sums the list gradient unrounded; the products take it in their dtype.
         dtype = torch.float32 if grads.bias is not None else h.dtype
-        g_list, g_y = rows(bmm32(h, w_rows.transpose(1, 2)), _label_dots(h, w_y), listed, y, on, bias, w,
-                           plan.softmax, fold, dtype, sums, flat.flatten(), alpha)
-        if g_list is not None and g_y is not None:
-            _add_gradients(g_list, g_y, rows_at, y, h, w_rows, w_y, flat, grads, sl.start * M if batch_rows else None)
+        g_list, g_y = rows(bmm32(h, w_rows.transpose(1, 2)), None if w_y is None else _label_dots(h, w_y), listed, y,
+                           on, bias, w, plan.softmax, fold, dtype, sums, flat.flatten(), part.alpha)
+        if g_list is not None:
+            label = None if g_y is None or w_y is None else (g_y, w_y)
+            _add_gradients(g_list, label, rows_at, y, h, w_rows, flat, grads, sl.start * M if batch_rows else None)
 
 
-def _add_gradients(g_list: Tensor, g_y: Tensor, rows_at: Tensor, y: Tensor, h: Tensor, w_rows: Tensor, w_y: Tensor,
-                   flat: Tensor, grads: Grads, first: Optional[int]) -> None:
+def _add_gradients(g_list: Tensor, label: Optional[tuple[Tensor, Tensor]], rows_at: Tensor, y: Tensor, h: Tensor,
+                   w_rows: Tensor, flat: Tensor, grads: Grads, first: Optional[int]) -> None:
     """A block's gradients from dloss/dz: ``g_list`` (g, M, K) w.r.t. the list logits of the head's
-    rows ``rows_at`` (g, K) (a padding entry's gradient is 0), ``g_y`` (g, M, 1) w.r.t. the label logits. ``first``: the block's positions are the hidden rows from
-    there on, in order (slices of the batch), else ``flat`` says which they are."""
-    H = h.shape[-1]
+    rows ``rows_at`` (g, K) (a padding entry's gradient is 0) and, unless labels are listed,
+    ``label`` = (g_y (g, M, 1) w.r.t. the label logits, the labels' head rows w_y (g, M, H)).
+    ``first``: the block's positions are the hidden rows from there on, in order (slices of the
+    batch), else ``flat`` says which they are."""
+    g, M, H = h.shape
     g_in = g_list.to(h.dtype)
     if grads.hidden is not None:
-        dh = (bmm32(g_in, w_rows) + g_y * w_y.float()).reshape(-1, H)            # (g·M, H)
-        if first is None:
-            grads.add_hidden_rows(flat.flatten(), dh)
-        else:  # a slice of the buffer: no indexed (atomic) additions
-            grads.add_hidden_range(first, dh)
+        if label is None and first is not None and grads.hidden.dtype == h.dtype == w_rows.dtype:
+            # one product added in place into a slice of the buffer, rounded once
+            grads.hidden[first:first + g * M].view(g, M, H).baddbmm_(g_in, w_rows)
+        else:
+            dh = bmm32(g_in, w_rows) if label is None else bmm32(g_in, w_rows) + label[0] * label[1].float()
+            if first is None:
+                grads.add_hidden_rows(flat.flatten(), dh.reshape(-1, H))
+            else:  # a slice of the buffer: no indexed (atomic) additions
+                grads.add_hidden_range(first, dh.reshape(-1, H))
     if grads.want_weight:
         # Into low-precision accumulators the product's own rounding is the one a cast would make.
         same = grads.dtype == h.dtype and h.dtype in LOW_PRECISION
         dw_rows = torch.bmm(g_in.transpose(1, 2), h) if same else bmm32(g_in.transpose(1, 2), h)  # (g, K, H)
         grads.add_weight_rows(rows_at.flatten(), dw_rows.reshape(-1, H))
-        # Every label row, those of folded labels with zeros: choosing the others would synchronise
-        # with the GPU, which costs more than the additions.
-        grads.add_weight_rows(y.flatten(), (g_y * h.float()).reshape(-1, H))
+        if label is not None:
+            # Every label row, those of folded labels with zeros: choosing the others would synchronise
+            # with the GPU, which costs more than the additions.
+            grads.add_weight_rows(y.flatten(), (label[0] * h.float()).reshape(-1, H))
     if grads.bias is not None:
         listed_at = rows_at.unsqueeze(1).expand_as(g_list)
         grads.bias.index_add_(0, listed_at.flatten(), g_list.float().flatten())
-        grads.bias.index_add_(0, y.flatten(), g_y.flatten())
+        if label is not None:
+            grads.bias.index_add_(0, y.flatten(), label[0].flatten())

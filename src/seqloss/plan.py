@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._buffers import GradTriple
 from .call import Call, Common, SampledCall, SoftmaxOptions, VocabParallel
-from .support import OBJECTIVES, FullSupport, ListSupport, Targets, shift_values, targets_of
+from .support import OBJECTIVES, FullSupport, ListSupport, Targets, safe_labels, shift_values, targets_of
 
 Inputs = tuple[Tensor, Optional[Tensor], Optional[Tensor]]  # logits; or hidden, weight, bias
 Need = tuple[bool, bool, bool]                              # which inputs want a gradient
@@ -31,12 +31,13 @@ Arguments = tuple[list[Optional[Tensor]], list[float]]      # a plan as custom-o
 class SupportPart(NamedTuple):
     """One part of a member's support over some positions: a full part (``ids`` None: every id but
     ``exclude`` (L, K), one list per sequence) or a list part (the label plus ``ids`` (L, 1, K) per
-    sequence or (B, N, K) per position)."""
+    sequence or (B, N, K) per position; ``listed``: each position's label is one of its list's ids)."""
 
     alpha: float
     exclude: Optional[Tensor]
     ids: Optional[Tensor]
     positions: Tensor  # (B, N) bool
+    listed: bool = False
 
 
 @dataclass
@@ -71,15 +72,15 @@ class Plan:
 
         # per-position lists are (B, N, K); per-sequence ones (L, 1, K) stay whole (with N = 1 either is right)
         per_position = [p.ids is not None and p.ids.shape[1] == N > 1 for p in self.parts]
-        parts = [SupportPart(p.alpha, p.exclude, take(p.ids) if each and p.ids is not None else p.ids, take(p.positions))
+        parts = [p._replace(ids=take(p.ids) if each and p.ids is not None else p.ids, positions=take(p.positions))
                  for p, each in zip(self.parts, per_position)]
         sequence = None if self.sequence is None else take(self.sequence)
         if sequence is not None and N > 1 and positions.numel() == 1:
             # One position per row: engines would read per-position lists (B, 1, K) as per-sequence
             # ones, so every list becomes its row's, and the rows are the sequences.
             row = sequence[:, 0]
-            parts = [SupportPart(p.alpha, None if p.exclude is None else p.exclude[row],
-                                 p.ids if p.ids is None or each else p.ids[row], p.positions)
+            parts = [p._replace(exclude=None if p.exclude is None else p.exclude[row],
+                                ids=p.ids if p.ids is None or each else p.ids[row])
                      for p, each in zip(parts, per_position)]
             sequence = None
         return dataclasses.replace(self, labels=take(self.labels), target_mask=take(self.target_mask),
@@ -91,15 +92,15 @@ class Plan:
         scalars = [float(self.scalar), float(self.stats), float(self.exact), *self.softmax]
         for part in self.parts:
             tensors += [part.exclude, part.ids, part.positions]
-            scalars.append(part.alpha)
+            scalars += [part.alpha, float(part.listed)]
         return tensors, scalars
 
     @classmethod
     def from_arguments(cls, tensors: Sequence[Optional[Tensor]], scalars: Sequence[float]) -> Plan:
         labels, target_mask, coef, sequence = tensors[:4]
         assert labels is not None and target_mask is not None and coef is not None
-        parts = [SupportPart(alpha, tensors[4 + 3 * i], tensors[5 + 3 * i], tensors[6 + 3 * i])  # type: ignore[arg-type]
-                 for i, alpha in enumerate(scalars[6:])]
+        parts = [SupportPart(alpha, tensors[4 + 3 * i], tensors[5 + 3 * i], tensors[6 + 3 * i],  # type: ignore[arg-type]
+                             bool(listed)) for i, (alpha, listed) in enumerate(zip(scalars[6::2], scalars[7::2]))]
         return cls(labels, target_mask, coef, parts, sequence, SoftmaxOptions(*scalars[3:6]), bool(scalars[0]),
                    bool(scalars[1]), exact=bool(scalars[2]))
 
@@ -215,12 +216,6 @@ def position_weights(t: Targets, c: Common) -> Tensor:
     return weights / denominator
 
 
-def safe_labels(t: Targets, c: Common) -> Tensor:
-    """The shifted labels with 0 where there is no target (safe to gather with): valid labels are
-    never negative, so a negative ``ignore_index`` (Hugging Face's -100) only needs a clamp."""
-    return t.labels.clamp(min=0) if c.ignore_index < 0 else torch.where(t.target_mask, t.labels, 0)
-
-
 def support_parts(supports: list[tuple[float, FullSupport | ListSupport]], target_mask: Tensor) -> list[SupportPart]:
     """[(weight, support)] → parts, in order: the one place that splits SMILE's first tokens (all V
     ids) from its list positions."""
@@ -235,7 +230,7 @@ def support_parts(supports: list[tuple[float, FullSupport | ListSupport]], targe
         if support.full_positions is not None:  # a subset of the target positions
             list_positions = target_mask ^ support.full_positions
             parts.append(SupportPart(alpha, None, None, support.full_positions))
-        parts.append(SupportPart(alpha, None, support.ids, list_positions))
+        parts.append(SupportPart(alpha, None, support.ids, list_positions, support.labels_listed))
     return parts
 
 

@@ -50,10 +50,13 @@ class ListSupport:
     unique along K.
 
     ``full_positions`` (B, N) bool marks target positions that use every id instead (first-token MLE).
+    ``labels_listed``: every label the list scores is one of its list's ids (SMILE's token sets) —
+    then the label's logit is its column's, and the label needs no product of its own.
     """
 
     ids: Tensor
     full_positions: Optional[Tensor] = None
+    labels_listed: bool = False
 
 
 Support = Union[FullSupport, ListSupport]
@@ -100,6 +103,12 @@ def shift_labels(labels: Tensor, shift: bool, ignore_index: int, starts: Optiona
     if starts is not None:
         labels = torch.where(starts, torch.full_like(labels, ignore_index), labels)
     return shift_values(labels, ignore_index)
+
+
+def safe_labels(t: Targets, c: Common) -> Tensor:
+    """The shifted labels with 0 where there is no target (safe to gather with): valid labels are
+    never negative, so a negative ``ignore_index`` (Hugging Face's -100) only needs a clamp."""
+    return t.labels.clamp(min=0) if c.ignore_index < 0 else torch.where(t.target_mask, t.labels, 0)
 
 
 def shift_values(values: Tensor, fill: Union[int, float], dim: int = -1) -> Tensor:
@@ -245,7 +254,7 @@ def mle_support(t: Targets) -> FullSupport:
 def smile_support(t: Targets, *, first_token_mle: bool = True, exclude_ids: Sequence[int] = ()) -> ListSupport:
     drop = _exclude_tensor(exclude_ids, t.labels.device)
     full = first_supervised(t.target_mask, t.sequences) if first_token_mle else None
-    return ListSupport(token_sets(t.labels, t.target_mask, drop, t.sequences), full)
+    return ListSupport(token_sets(t.labels, t.target_mask, drop, t.sequences), full, labels_listed=not exclude_ids)
 
 
 def random_subset_support(t: Targets, *, num_samples: int = 10, generator: Optional[torch.Generator] = None,

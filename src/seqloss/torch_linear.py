@@ -110,7 +110,7 @@ def forward(inputs: Inputs, plan: Plan, need: Need, dtype: torch.dtype,
         if part.ids is None:
             _full_part(hidden, weight, bias, plan, part.alpha, part.exclude, part.positions, w_all, sums, grads)
         else:
-            list_part(hidden, weight, bias, plan, part.alpha, part.ids, part.positions, w_all, sums, grads)
+            list_part(hidden, weight, bias, plan, part, w_all, sums, grads)
     if grads.want_weight:  # allocated here when nothing was supervised
         grads.weight_buffer(hidden.device)
     if plan.stats:

@@ -63,6 +63,29 @@ def test_the_kernel_equals_its_torch_twin(seed, groups, M, K, bias, weights, fol
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), groups=st.integers(1, 3), M=st.integers(1, 5), K=st.integers(1, 40),
+       bias=st.booleans(), weights=st.booleans(), eps=st.sampled_from([0.0, 0.1]), cap=st.sampled_from([0.0, 4.0]))
+def test_listed_labels_read_their_logits_from_their_columns(seed, groups, M, K, bias, weights, eps, cap):
+    """Every scored label in its list (SMILE's token sets): without label logits, the kernel and the
+    twin read them from the list's columns and fold their gradients — as the twin given the logits."""
+    z_list, _, listed, _, on, b, w = _case(seed, groups, M, K, V=max(K, 50), bias=bias, weights=weights)
+    has = (listed >= 0).any(1, keepdim=True)                                # lists all padding score nothing
+    pick = torch.multinomial((listed >= 0).float() + ~has, M, replacement=True, generator=generator(seed))
+    y = listed.gather(1, pick).clamp(min=0).unsqueeze(-1)                   # (g, M, 1), each in its list
+    on = on & has
+    z_y = z_list.gather(2, pick.unsqueeze(-1))
+    softmax = SoftmaxOptions(label_smoothing=eps, z_loss=1e-3, softcap=cap)
+    given_logits = _run(torch_candidate_rows, (z_list, z_y, listed, y, on, b, w), softmax, True, torch.float32)
+    for rows in (torch_candidate_rows, candidate_rows):
+        got = _run(rows, (z_list, None, listed, y, on, b, w), softmax, False, torch.float32)
+        torch.testing.assert_close(got[0].loss, given_logits[0].loss, atol=1e-5, rtol=1e-5)
+        assert got[2] is None, "no label gradient: it is folded into the label's column"
+        if weights:
+            torch.testing.assert_close(got[1], given_logits[1], atol=1e-6, rtol=1e-5)
+            assert not given_logits[2].any(), "the twin given the logits folds every label too"
+
+
 def test_the_list_gradient_comes_in_the_products_dtype():
     case = _case(1, 2, 3, 11, 40, bias=False, weights=True)
     sums, g_list, g_y = _run(candidate_rows, case, SoftmaxOptions(), True, torch.bfloat16)

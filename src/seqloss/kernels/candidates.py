@@ -51,12 +51,19 @@ def _chunk(zl_ptr, ids_ptr, b_ptr, r, group, k0, K, y, on, cap, HAS_BIAS: tl.con
 def _candidate_kernel(zl_ptr, zy_ptr, ids_ptr, y_ptr, on_ptr, b_ptr, w_ptr, index_ptr, loss_ptr, zpart_ptr, gl_ptr,
                       gy_ptr, M, K, alpha, eps, zeta, cap,
                       HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, GRAD: tl.constexpr, FOLD: tl.constexpr,
-                      ZPART: tl.constexpr, BLOCK_K: tl.constexpr):
+                      ZPART: tl.constexpr, LISTED: tl.constexpr, BLOCK_K: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     group = r // M
     y = tl.load(y_ptr + r)
     on = tl.load(on_ptr + r) != 0
-    zy = tl.load(zy_ptr + r)
+    if LISTED:  # the label's logit is its column's
+        zy = tl.sum(tl.zeros((BLOCK_K,), dtype=tl.float32), axis=0)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            ids = tl.load(ids_ptr + group * K + k, mask=k < K, other=-1)
+            zy += tl.sum(tl.where(ids == y, tl.load(zl_ptr + r * K + k, mask=k < K, other=0.0), 0.0), axis=0)
+    else:
+        zy = tl.load(zy_ptr + r)
     if HAS_BIAS:
         zy += tl.load(b_ptr + y).to(tl.float32)
     zy, slope_y = _capped(zy, cap, SOFTCAP)
@@ -99,31 +106,34 @@ def _candidate_kernel(zl_ptr, zy_ptr, ids_ptr, y_ptr, on_ptr, b_ptr, w_ptr, inde
             tl.store(gl_ptr + r * K + k, g.to(gl_ptr.dtype.element_ty), mask=k < K)
         if FOLD:
             g_y = tl.where(found > 0, 0.0, g_y)
-        tl.store(gy_ptr + r, g_y)
+        if not LISTED:
+            tl.store(gy_ptr + r, g_y)
 
 
-def candidate_rows(z_list: Tensor, z_y: Tensor, listed: Tensor, y: Tensor, on: Tensor, bias: Optional[Tensor],
-                   w: Optional[Tensor], softmax: SoftmaxOptions, fold: bool, dtype: torch.dtype, sums: PositionSums,
-                   index: Tensor, alpha: float) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def candidate_rows(z_list: Tensor, z_y: Optional[Tensor], listed: Tensor, y: Tensor, on: Tensor,
+                   bias: Optional[Tensor], w: Optional[Tensor], softmax: SoftmaxOptions, fold: bool, dtype: torch.dtype,
+                   sums: PositionSums, index: Tensor, alpha: float) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """The kernel's twin of ``grouped.torch_candidate_rows``: list logits ``z_list`` (g, M, K) fp32,
-    label logits ``z_y`` (g, M, 1), ``listed`` (g, K) ids (PAD -1), ``y`` (g, M, 1), ``on`` (g, M),
-    ``w`` (g, M, 1) or None → α × the terms added into ``sums`` at the positions ``index`` (g·M,)
-    and, given ``w``, the gradients of Σ α·w·loss w.r.t. the list logits (g, M, K) in ``dtype`` and
-    the label logits (g, M, 1) fp32."""
+    label logits ``z_y`` (g, M, 1) (None: labels listed, read from their columns), ``listed`` (g, K)
+    ids (PAD -1), ``y`` (g, M, 1), ``on`` (g, M), ``w`` (g, M, 1) or None → α × the terms added into
+    ``sums`` at the positions ``index`` (g·M,) and, given ``w``, the gradients of Σ α·w·loss w.r.t.
+    the list logits (g, M, K) in ``dtype`` and (unless labels are listed) the label logits (g, M, 1) fp32."""
     g, M, K = z_list.shape
     eps, zeta, cap = softmax  # label smoothing, z-loss, soft cap
     device = z_list.device
     grad = w is not None
+    with_label = grad and z_y is not None
     g_list = torch.empty((g, M, K), dtype=dtype, device=device) if grad else sums.loss
-    g_y = torch.empty(g * M, dtype=torch.float32, device=device) if grad else sums.loss
+    g_y = torch.empty(g * M, dtype=torch.float32, device=device) if with_label else sums.loss
     z_part = sums.z_part if zeta else None
     block = 16 if interpreting() else min(2048, triton.next_power_of_2(max(K, 16)))
     on_flat = on.reshape(-1)
+    z_list = z_list.contiguous()
     _candidate_kernel[(g * M,)](
-        z_list.contiguous(), z_y.reshape(-1).contiguous(), listed.contiguous(), y.reshape(-1).contiguous(),
-        on_flat.view(torch.uint8) if on_flat.dtype == torch.bool else on_flat, sums.loss if bias is None else bias,
-        sums.loss if w is None else w.reshape(-1).contiguous(), index, sums.loss,
+        z_list, z_list if z_y is None else z_y.reshape(-1).contiguous(), listed.contiguous(),
+        y.reshape(-1).contiguous(), on_flat.view(torch.uint8) if on_flat.dtype == torch.bool else on_flat,
+        sums.loss if bias is None else bias, sums.loss if w is None else w.reshape(-1).contiguous(), index, sums.loss,
         sums.loss if z_part is None else z_part, g_list, g_y, M, K, float(alpha), float(eps), float(zeta),
-        float(cap or 1.0), HAS_BIAS=bias is not None, SOFTCAP=bool(cap), GRAD=grad, FOLD=fold,
-        ZPART=z_part is not None, BLOCK_K=block)
-    return (g_list, g_y.view(g, M, 1)) if grad else (None, None)
+        float(cap or 1.0), HAS_BIAS=bias is not None, SOFTCAP=bool(cap), GRAD=grad, FOLD=fold or z_y is None,
+        ZPART=z_part is not None, LISTED=z_y is None, BLOCK_K=block)
+    return (g_list if grad else None), (g_y.view(g, M, 1) if with_label else None)

@@ -175,7 +175,6 @@ def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights
     stale (no gradient pass ran). With ``plan.stats``, the supervised positions no full part scored
     get their argmax from one more statistics pass."""
     labels = plan.labels.reshape(-1).contiguous()
-    eps = plan.softmax.label_smoothing
     # The large Hopper tile where it was measured: low-precision inputs accumulated in their own dtype.
     large = src.x.dtype != torch.float32 and all(t is None or t.dtype == src.x.dtype for t in (gx, gw))
     for i, (alpha, part) in enumerate(parts):
@@ -193,7 +192,7 @@ def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights
             if stale and not store_w and gw is not None:
                 gw.zero_()
             stale = False
-            gradients(src, part, blocks, labels, slot.coef, slot.lse, slot.size, stats.z_y, slot.pscale, eps, gx, gw,
+            gradients(src, part, blocks, labels, slot.coef, slot.lse, slot.size, stats.z_y, slot.pscale, slot.eps, gx, gw,
                       gb, store=i == 0 and part.covers_all, store_w=store_w)
     rest = sums.unpredicted(plan.target_mask) if plan.stats else None
     if rest is not None and rest.numel():
@@ -249,7 +248,7 @@ def linear_forward(inputs: Inputs, plan: Plan, need: Need, dtype: torch.dtype,
         grads.zero_weight()
     for p in plan.parts:
         if p.ids is not None:
-            list_part(hidden, weight, bias, plan, p.alpha, p.ids, p.positions, w_all, sums, grads, candidate_rows)
+            list_part(hidden, weight, bias, plan, p, w_all, sums, grads, candidate_rows)
     return _output(sums, (B, N), grads.results(inputs))
 
 

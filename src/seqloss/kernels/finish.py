@@ -65,13 +65,14 @@ def _finish_kernel(split_ptr, zy_ptr, rows_ptr, on_ptr, w_ptr, loss_ptr, zpart_p
 
 
 class SlotValues(NamedTuple):
-    """What the gradient pass reads per slot (P,) fp32: lse, the support's size, the weight α·w of the
-    slot's loss, and the softmax's scale 1 + 2ζ·lse."""
+    """What the gradient pass reads: per slot (P,) fp32 the lse, the support's size, the weight α·w of
+    the slot's loss and the softmax's scale 1 + 2ζ·lse; and the label smoothing ε."""
 
     lse: Tensor
     size: Tensor
     coef: Tensor
     pscale: Tensor
+    eps: float
 
 
 def finish(split: Tensor, z_y: Tensor, part: Part, alpha: float, softmax: SoftmaxOptions, loss: Tensor,
@@ -89,4 +90,4 @@ def finish(split: Tensor, z_y: Tensor, part: Part, alpha: float, softmax: Softma
         loss if weights is None else weights.reshape(-1), loss,
         loss if z_part is None else z_part, lse, size, coef, pscale, P, S, float(alpha), eps, zeta,
         SMOOTH=eps != 0, ZLOSS=zeta != 0, ZPART=z_part is not None, WEIGHTS=weights is not None, BLOCK=block)
-    return None if values is None else SlotValues(lse, size, coef, pscale)
+    return None if values is None else SlotValues(lse, size, coef, pscale, eps)
