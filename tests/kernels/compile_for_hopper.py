@@ -41,14 +41,14 @@ def compile_variant(fn, dtype: str, fused: bool, constants: dict, accumulate: st
           {k: v for k, v in constants.items() if k.startswith("BLOCK")}, options)
 
 
-def compile_candidates(gradient: str) -> None:
+def compile_candidates(gradient: str, listed: bool) -> None:
     """The list parts' candidate softmax, its list gradient in ``gradient`` (the products' dtype, or
-    fp32 with a bias), every option on."""
+    fp32 with a bias), every option on; ``listed``: the labels' logits read from their columns."""
     types = dict(zl_ptr="*fp32", zy_ptr="*fp32", ids_ptr="*i64", y_ptr="*i64", on_ptr="*u8", b_ptr="*bf16",
                  w_ptr="*fp32", index_ptr="*i64", loss_ptr="*fp32", zpart_ptr="*fp32", gl_ptr=f"*{gradient}",
                  gy_ptr="*fp32", alpha="fp32", eps="fp32", zeta="fp32", cap="fp32")
     _compile_plain(_candidate_kernel, types, dict(HAS_BIAS=True, SOFTCAP=True, GRAD=True, FOLD=True, ZPART=True,
-                                                  BLOCK_K=2048), gradient)
+                                                  LISTED=listed, BLOCK_K=2048), f"{gradient} listed={listed}")
 
 
 def compile_finish(weights: bool) -> None:
@@ -101,8 +101,8 @@ def main() -> None:
                     dict(LIST=False, EXCLUDE=False, FUSED=True, HAS_BIAS=False, SOFTCAP=False, UPCAST=False,
                          PRECISION="tf32", STORE=False, GRAD_X=True, GRAD_W=True, GRAD_B=False, FILTER=2.0 ** -12,
                          RMW=False, STORE_W=True, BLOCK_M=16, BLOCK_C=128, BLOCK_H=64), "bf16")
-    for gradient in ("bf16", "fp32"):
-        compile_candidates(gradient)
+    for gradient, listed in (("bf16", True), ("bf16", False), ("fp32", False)):
+        compile_candidates(gradient, listed)
     for weights in (True, False):
         compile_finish(weights)
 
