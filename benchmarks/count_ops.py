@@ -12,7 +12,8 @@ that it runs anywhere; the torch engine alongside):
   ``nonzero``, boolean indexing);
 * Triton launches, and Python calls into seqloss's own functions.
 
-The counts are the CPU path's: on a GPU, lists are padded to a multiple of 8 (one more operation)
+The counts are the CPU path's: on a GPU, lists are padded to a multiple of 8 (one more operation
+where K is not), buffers are plain ``torch.empty`` (the CPU's mapped workspaces take three calls),
 and bf16 inputs take their label logits in one product instead of two operations.
 
     python benchmarks/count_ops.py [--shape 2,64,32,512] [--where]
@@ -88,7 +89,7 @@ def count(case: str, impl: str, shape: tuple[int, int, int, int], launches: list
     hidden, weight, labels, options = step_inputs(case, shape)
 
     def step(counter=None):
-        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        h, w = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)  # fresh leaves
         loss = seqloss.linear_loss(h, w, labels, impl=impl, **options)
         forward = len(counter.ops) if counter is not None else 0
         loss.backward()

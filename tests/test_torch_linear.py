@@ -400,9 +400,9 @@ def test_packed_list_parts_pad_each_block_to_its_own_longest_sequence(monkeypatc
     groups = seqloss.grouped.groups
 
     def spy(*args):
-        ids, slots, rows = groups(*args)
-        gathered.append(tuple(slots.shape))
-        return ids, slots, rows
+        ids, slots, rows, sizes = groups(*args)
+        gathered.append((*slots.shape, *sizes))
+        return ids, slots, rows, sizes
 
     monkeypatch.setattr(seqloss.grouped, "groups", spy)
     monkeypatch.setattr(seqloss.grouped, "LIST_BLOCK_ELEMENTS", (v_size + 4) * h_size)  # blocks of ≤ 1 long group
@@ -410,7 +410,7 @@ def test_packed_list_parts_pad_each_block_to_its_own_longest_sequence(monkeypatc
                                  reduction="sum", impl="torch")
     # SMILE's list part holds each example's targets after its first (that one is full-vocabulary MLE):
     # 38 of the long example, 1 of the 3-token one, none of the 2-token one or of the 30 pads.
-    assert gathered == [(2, 38)]
+    assert gathered == [(2, 38, 38, 1)]
     grads = torch.autograd.grad(packed, (hidden, weight))
     want, start = 0.0, 0
     for n in lengths:

@@ -68,10 +68,11 @@ def bmm32(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a, b).float()
 
 
-def groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor) -> tuple[Tensor, Tensor, bool]:
+def groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor) -> tuple[Tensor, Tensor, bool, list[int]]:
     """Positions grouped by the list they share → ids (G, K), the flat index of each group's
-    positions (G, M) (-1: an empty slot), and whether the groups are the batch's rows in order
-    (then blocks are slices of the batch).
+    positions (G, M) (-1: an empty slot), whether the groups are the batch's rows in order (then
+    blocks are slices of the batch), and how many positions each group holds where groups differ
+    (sequences; else []).
 
     Groups are the rows of the batch for (B, 1, K) lists, single positions for (B, N, K) lists, and
     for (S, 1, K) lists (packed examples, turns) the listed positions of each sequence, left-aligned
@@ -80,15 +81,14 @@ def groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor) -> tuple[
     no memory (the gathers happen per block)."""
     B, N, _ = hidden.shape
     if ids.shape[1] == 1 and plan.sequence is not None:
-        slots = sequence_groups(plan.sequence, positions, ids.shape[0])  # (S, M), -1 = empty
+        slots, sizes = sequence_groups(plan.sequence, positions, ids.shape[0])  # (S, M), -1 = empty
         filled = (slots >= 0).sum(dim=1)
-        order = filled.argsort(descending=True, stable=True)
-        order = order[filled[order] > 0]
-        return ids[order, 0], slots[order], False
+        order = filled.argsort(descending=True, stable=True)[:sum(size > 0 for size in sizes)]
+        return ids[order, 0], slots[order], False, sorted((size for size in sizes if size > 0), reverse=True)
     index = torch.arange(B * N, device=hidden.device).reshape(B, N)
     if ids.shape[1] == 1:
-        return ids[:, 0], index, True
-    return ids.reshape(B * N, ids.shape[-1]), index.reshape(B * N, 1), False
+        return ids[:, 0], index, True, []
+    return ids.reshape(B * N, ids.shape[-1]), index.reshape(B * N, 1), False, []
 
 
 def list_multiple(device: torch.device) -> int:
@@ -168,14 +168,14 @@ def list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan
     assert part.ids is not None
     H = hidden.shape[-1]
     fast = low_precision_products(hidden)
-    ids_g, slots, batch_rows = groups(part.ids, hidden, plan, part.positions)
+    ids_g, slots, batch_rows, sizes = groups(part.ids, hidden, plan, part.positions)
     ids_g = pad_lists(ids_g, list_multiple(hidden.device))
     G, K = ids_g.shape
     h_flat, y_flat, on_flat = hidden.reshape(-1, H), plan.labels.reshape(-1), part.positions.reshape(-1)
     fold = part.listed or fold_labels(grads.dtype, hidden.device)
     s = 0
     while s < G:
-        M = slots.shape[1] if batch_rows else max(1, int((slots[s] >= 0).sum()))  # the block's longest group
+        M = max(1, sizes[s]) if sizes else slots.shape[1]  # the block's longest group
         block = max(1, LIST_BLOCK_ELEMENTS // max(1, (K + M) * H))
         sl = slice(s, s + block)
         s += block

@@ -171,18 +171,21 @@ class Result(NamedTuple):
 # --- helpers the engines share ------------------------------------------------------------------------
 
 
-def sequence_groups(sequence: Tensor, positions: Tensor, count: int) -> Tensor:
+def sequence_groups(sequence: Tensor, positions: Tensor, count: int) -> tuple[Tensor, list[int]]:
     """(count, M) long: the flat indices of the listed ``positions`` (B, N) of each sequence, in
-    order, -1 padded (M = the most in any sequence, ≥ 1). Engines use it to score each sequence's
+    order, -1 padded (M = the most in any sequence, ≥ 1), and how many each sequence has — read
+    from the device once (the only synchronisation). Engines use it to score each sequence's
     positions against its one list, as they score a row's positions against a row's list."""
-    flat = positions.reshape(-1).nonzero().squeeze(1)                  # row-major order
-    seq = sequence.reshape(-1)[flat]                                   # non-decreasing
-    counts = torch.bincount(seq, minlength=count)
-    M = max(int(counts.max()), 1) if seq.numel() else 1
-    offset = torch.arange(seq.numel(), device=seq.device) - (counts.cumsum(0) - counts)[seq]
-    groups = torch.full((count, M), -1, dtype=torch.long, device=positions.device)
-    groups[seq, offset] = flat
-    return groups
+    seq, on = sequence.reshape(-1), positions.reshape(-1).long()
+    counts = torch.zeros(count, dtype=torch.long, device=seq.device).index_add_(0, seq, on)
+    sizes = counts.tolist()
+    M = max(max(sizes, default=0), 1)
+    # A position's place in its sequence: the listed positions before it (row-major) minus those of
+    # the sequences before (sequences are runs in row-major order). The others go to a spare row.
+    offset = on.cumsum(0) - on - (counts.cumsum(0) - counts)[seq]
+    groups = torch.full((count + 1, M), -1, dtype=torch.long, device=seq.device)
+    groups[torch.where(on > 0, seq, count), offset.clamp(0, M - 1)] = torch.arange(seq.numel(), device=seq.device)
+    return groups[:count], sizes
 
 
 def mostly(positions: Tensor) -> bool:

@@ -170,7 +170,7 @@ def list_part(ids: Tensor, positions: Tensor, sequence: Optional[Tensor] = None)
     flat = torch.arange(B * N, device=positions.device).reshape(B, N)
     rows = torch.where(positions, flat, -1)
     if ids.shape[1] == 1 and sequence is not None:
-        return Part(sequence_groups(sequence, positions, ids.shape[0]), positions, cols=ids[:, 0].contiguous())
+        return Part(sequence_groups(sequence, positions, ids.shape[0])[0], positions, cols=ids[:, 0].contiguous())
     if ids.shape[1] == 1:
         return Part(rows, positions, cols=ids[:, 0].contiguous())
     return Part(rows.reshape(B * N, 1), positions, cols=ids.reshape(B * N, ids.shape[-1]).contiguous())
