@@ -9,8 +9,9 @@ S(b, n) of vocabulary ids that always contains the label y. Two shapes of rule c
   ``subset(include=...)``). The work is O(K) per position; positions flagged in
   ``full_positions`` (SMILE's first-token MLE) use all V ids instead.
 
-Lists hold ids sorted (descending) and de-duplicated with -1 as padding after them, so that an id is never counted twice in
-a log-sum-exp. The label itself is *not* stored in a list: the loss adds it once per position.
+Lists hold ids sorted (descending) and de-duplicated, with -1 as padding after them, so that an id
+is never counted twice in a log-sum-exp. The label itself is *not* stored in a list: the loss adds it
+once per position (SMILE's lists do hold every label they score: ``labels_listed``).
 Exclusions are always one list per sequence, (L, K); candidates one per sequence, (L, 1, K), or one
 per position, (B, N, K) (``subset(include=)`` per label position).
 
@@ -159,7 +160,7 @@ def shift_candidates(candidates: Tensor, shift: bool) -> Tensor:
 def first_supervised(target_mask: Tensor, sequences: Optional[Sequences] = None) -> Tensor:
     """(B, N) bool: True at the first position of each row (each sequence) that has a target."""
     if sequences is None:
-        return target_mask & (target_mask.long().cumsum(dim=-1) == 1)
+        return target_mask & (target_mask.cumsum(dim=-1) == 1)  # a bool cumsum counts in int64
     supervised = target_mask.reshape(-1).long()
     seen_before = supervised.cumsum(0) - supervised                    # in row-major order
     index = sequences.index.reshape(-1)
