@@ -86,7 +86,8 @@ stage_install() {  # each module that is missing, from its wheels, into $SITE (o
   else
     entries=("liger_kernel:liger_kernel-" "cut_cross_entropy:cut_cross_entropy-")
   fi
-  entries+=("pytest:pytest- pluggy- iniconfig-" "hypothesis:hypothesis- sortedcontainers- attrs-")
+  entries+=("pytest:pytest- pluggy- iniconfig-" "hypothesis:hypothesis- sortedcontainers- attrs-"
+           "xdist:pytest_xdist- execnet-" "pytest_timeout:pytest_timeout-")
   for entry in "${entries[@]}"; do
     module=${entry%%:*}; globs=${entry#*:}
     if "$PYTHON" -c "import $module" 2>/dev/null; then echo "$module: already importable"; continue; fi
