@@ -231,9 +231,9 @@ class Grads:
             self.hidden.index_add_(0, index, rows.to(self.hidden.dtype))
 
     def add_hidden_range(self, first: int, rows: Tensor) -> None:
-        """hidden[first:first + len(rows)] += rows."""
+        """hidden[first:first + len(rows)] += rows (fp32 rows into a bf16/fp16 buffer: rounded once)."""
         if self.hidden is not None:
-            self.hidden[first:first + rows.shape[0]].add_(rows.to(self.hidden.dtype))
+            self.hidden[first:first + rows.shape[0]].add_(rows)
 
     def results(self, inputs: Sequence[Optional[Tensor]]) -> GradTriple:
         """The (hidden, weight, bias) gradients, each in its input's dtype and shape (None where not

@@ -211,22 +211,16 @@ def _add_gradients(g_list: Tensor, label: Optional[tuple[Tensor, Tensor]], rows_
     ``label`` = (g_y (g, M, 1) w.r.t. the label logits, the labels' head rows w_y (g, M, H)).
     ``first``: the block's positions are the hidden rows from there on, in order (slices of the
     batch), else ``flat`` says which they are."""
-    g, M, H = h.shape
+    H = h.shape[-1]
     g_in = g_list.to(h.dtype)
     if grads.hidden is not None:
-        if label is None and first is not None and grads.hidden.dtype == h.dtype == w_rows.dtype:
-            # one product added in place into a slice of the buffer, rounded once
-            grads.hidden[first:first + g * M].view(g, M, H).baddbmm_(g_in, w_rows)
-        else:
-            dh = bmm32(g_in, w_rows) if label is None else bmm32(g_in, w_rows) + label[0] * label[1].float()
-            if first is None:
-                grads.add_hidden_rows(flat.flatten(), dh.reshape(-1, H))
-            else:  # a slice of the buffer: no indexed (atomic) additions
-                grads.add_hidden_range(first, dh.reshape(-1, H))
+        dh = bmm32(g_in, w_rows) if label is None else bmm32(g_in, w_rows) + label[0] * label[1].float()
+        if first is None:
+            grads.add_hidden_rows(flat.flatten(), dh.reshape(-1, H))
+        else:  # a slice of the buffer: no indexed (atomic) additions
+            grads.add_hidden_range(first, dh.reshape(-1, H))
     if grads.want_weight:
-        # Into low-precision accumulators the product's own rounding is the one a cast would make.
-        same = grads.dtype == h.dtype and h.dtype in LOW_PRECISION
-        dw_rows = torch.bmm(g_in.transpose(1, 2), h) if same else bmm32(g_in.transpose(1, 2), h)  # (g, K, H)
+        dw_rows = bmm32(g_in.transpose(1, 2), h)                                # (g, K, H)
         grads.add_weight_rows(rows_at.flatten(), dw_rows.reshape(-1, H))
         if label is not None:
             # Every label row, those of folded labels with zeros: choosing the others would synchronise

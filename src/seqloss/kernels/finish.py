@@ -35,6 +35,7 @@ def _finish_kernel(split_ptr, zy_ptr, rows_ptr, on_ptr, w_ptr, loss_ptr, zpart_p
     top = tl.zeros((BLOCK,), dtype=tl.float32) + NEG
     for s in range(0, S):
         top = tl.maximum(top, tl.load(split_ptr + s * P + slot, mask=in_part, other=NEG))
+    top = tl.where(in_part, top, 0.0)  # lanes past the part: finite values throughout
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     zsum = tl.zeros((BLOCK,), dtype=tl.float32)
     size = tl.zeros((BLOCK,), dtype=tl.float32)
