@@ -23,7 +23,7 @@ from .parallel.collectives import SumGradient, eager
 from .plan import Inputs, Plan, Result, SampledPlan, plan_of, sampled_plan_of
 from .sampling import Negatives, draw_negatives
 from .stats import loss_stats
-from .support import example_starts, targets_of
+from .support import example_starts, safe_labels, targets_of
 
 
 def logits_reference(inputs: Inputs, call: Call) -> Result:
@@ -157,7 +157,7 @@ def sampled_loss(hidden: Tensor, weight: Tensor, call: SampledCall) -> Tensor:
     are drawn here, once, before the branch: every impl scores the same draws."""
     impl = resolve_impl(call.common.impl, hidden.device, path="sampled")
     t = targets_of(call.labels, call.common, call.vocab_size)
-    labels = torch.where(t.target_mask, t.labels, 0).reshape(-1)
+    labels = safe_labels(t, call.common).reshape(-1)
     drawn = draw_negatives(call.sampler, call.num_negatives, call.vocab_size, labels, t.target_mask.reshape(-1),
                            not call.share_negatives, call.generator)
     drawn = Negatives(drawn.ids.to(weight.device), drawn.log_expected.to(weight.device))

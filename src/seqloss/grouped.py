@@ -81,9 +81,8 @@ def groups(ids: Tensor, hidden: Tensor, plan: Plan, positions: Tensor) -> tuple[
     no memory (the gathers happen per block)."""
     B, N, _ = hidden.shape
     if ids.shape[1] == 1 and plan.sequence is not None:
-        slots, sizes = sequence_groups(plan.sequence, positions, ids.shape[0])  # (S, M), -1 = empty
-        filled = (slots >= 0).sum(dim=1)
-        order = filled.argsort(descending=True, stable=True)[:sum(size > 0 for size in sizes)]
+        slots, counts, sizes = sequence_groups(plan.sequence, positions, ids.shape[0])  # (S, M), -1 = empty
+        order = counts.argsort(descending=True, stable=True)[:sum(size > 0 for size in sizes)]
         return ids[order, 0], slots[order], False, sorted((size for size in sizes if size > 0), reverse=True)
     index = torch.arange(B * N, device=hidden.device).reshape(B, N)
     if ids.shape[1] == 1:
@@ -172,7 +171,7 @@ def list_part(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], plan: Plan
     ids_g = pad_lists(ids_g, list_multiple(hidden.device))
     G, K = ids_g.shape
     h_flat, y_flat, on_flat = hidden.reshape(-1, H), plan.labels.reshape(-1), part.positions.reshape(-1)
-    fold = part.listed or fold_labels(grads.dtype, hidden.device)
+    fold = fold_labels(grads.dtype, hidden.device)  # listed labels fold whatever it says (see the rows)
     s = 0
     while s < G:
         M = max(1, sizes[s]) if sizes else slots.shape[1]  # the block's longest group

@@ -171,10 +171,10 @@ class Result(NamedTuple):
 # --- helpers the engines share ------------------------------------------------------------------------
 
 
-def sequence_groups(sequence: Tensor, positions: Tensor, count: int) -> tuple[Tensor, list[int]]:
+def sequence_groups(sequence: Tensor, positions: Tensor, count: int) -> tuple[Tensor, Tensor, list[int]]:
     """(count, M) long: the flat indices of the listed ``positions`` (B, N) of each sequence, in
-    order, -1 padded (M = the most in any sequence, ≥ 1), and how many each sequence has — read
-    from the device once (the only synchronisation). Engines use it to score each sequence's
+    order, -1 padded (M = the most in any sequence, ≥ 1), and how many each sequence has: (count,)
+    on the device, and as a list read from it once (the only synchronisation). Engines use it to score each sequence's
     positions against its one list, as they score a row's positions against a row's list."""
     seq, on = sequence.reshape(-1), positions.reshape(-1).long()
     counts = torch.zeros(count, dtype=torch.long, device=seq.device).index_add_(0, seq, on)
@@ -185,7 +185,7 @@ def sequence_groups(sequence: Tensor, positions: Tensor, count: int) -> tuple[Te
     offset = on.cumsum(0) - on - (counts.cumsum(0) - counts)[seq]
     groups = torch.full((count + 1, M), -1, dtype=torch.long, device=seq.device)
     groups[torch.where(on > 0, seq, count), offset.clamp(0, M - 1)] = torch.arange(seq.numel(), device=seq.device)
-    return groups[:count], sizes
+    return groups[:count], counts, sizes
 
 
 def mostly(positions: Tensor) -> bool:
@@ -204,15 +204,13 @@ def position_weights(t: Targets, c: Common) -> Tensor:
     by the sum of the weights (1 when it is 0: nothing supervised gives 0, not NaN)."""
     weights = t.target_mask.float()
     if c.class_weight is not None:
-        weights = weights * c.class_weight[torch.where(t.target_mask, t.labels, 0)]
+        weights = weights * c.class_weight[safe_labels(t, c)]
     if c.token_weights is not None:
         weights = weights * (shift_values(c.token_weights, 0.0) if c.shift else c.token_weights)
     if c.reduction != "mean":
         return weights
     if c.num_items_in_batch is not None:
         denominator = torch.as_tensor(c.num_items_in_batch, dtype=torch.float32, device=weights.device)
-    elif c.class_weight is None and c.token_weights is None:  # a count: 0, or at least 1
-        denominator = weights.sum().clamp(min=1)
     else:
         total = weights.sum()
         denominator = torch.where(total > 0, total, torch.ones_like(total))

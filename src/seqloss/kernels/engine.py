@@ -30,6 +30,7 @@ from .parts import Blocks, Part, accumulator_dtype, blocks_for, full_part, inter
 
 T = TypeVar("T")
 
+
 @dataclass
 class Source:
     """Where tile logits come from: logits rows ``x`` (B·N, V), or hidden rows ``x`` (B·N, H) times
@@ -82,7 +83,6 @@ class Statistics(NamedTuple):
 
     split: Tensor
     z_y: Tensor
-    spare: Tensor  # (4, P) fp32 for finish.py's SlotValues
     predicted: Optional[Tensor] = None
 
 
@@ -107,9 +107,9 @@ def _statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor, argmax:
     P = G * M
     per_split = triton.cdiv(triton.cdiv(C, blocks.c), blocks.splits)
     splits = triton.cdiv(triton.cdiv(C, blocks.c), per_split)
-    # One allocation: per split and slot max, Σ exp, Σ z, size; the label logits; finish.py's values.
-    scratch = torch.empty((4 * splits + 5) * P, dtype=torch.float32, device=src.x.device)
-    out, z_y, spare = scratch[:4 * splits * P].view(4, splits, P), scratch[4 * splits * P:][:P], scratch[-4 * P:]
+    # One allocation: per split and slot max, Σ exp, Σ z, size; then the label logits.
+    scratch = torch.empty((4 * splits + 1) * P, dtype=torch.float32, device=src.x.device)
+    out, z_y = scratch[:4 * splits * P].view(4, splits, P), scratch[4 * splits * P:]
     best = torch.empty(splits, P, dtype=torch.float32, device=src.x.device) if argmax else z_y
     arg = torch.empty(splits, P, dtype=torch.int32, device=src.x.device) if argmax else z_y
     x, w, b, H, stride_w = src.pointers()
@@ -119,7 +119,7 @@ def _statistics(src: Source, part: Part, blocks: Blocks, labels: Tensor, argmax:
         LIST=part.cols is not None, EXCLUDE=part.bitmap is not None, **src.flags(), ARGMAX=argmax,
         BLOCK_M=blocks.m, BLOCK_C=blocks.c, BLOCK_H=blocks.h, **blocks.launch())
     predicted = arg.gather(0, best.argmax(0, keepdim=True)).squeeze(0).long() if argmax else None
-    return Statistics(out, z_y, spare.view(4, P), predicted)
+    return Statistics(out, z_y, predicted)
 
 
 def gradients(src: Source, part: Part, blocks: Blocks, labels: Tensor, coef: Tensor, lse: Tensor, size: Tensor,
@@ -184,7 +184,7 @@ def _run_parts(src: Source, plan: Plan, parts: list[tuple[float, Part]], weights
         C = src.vocab_size if part.cols is None else part.cols.shape[1]
         blocks = blocks_for(part, C, src.fused, src.x.device, large)
         stats = statistics(src, part, blocks, labels, argmax=plan.stats and part.cols is None)
-        slot = finish(stats.split, stats.z_y, part, alpha, plan.softmax, sums.loss, sums.z_part, weights, stats.spare)
+        slot = finish(stats.split, stats.z_y, part, alpha, plan.softmax, sums.loss, sums.z_part, weights)
         if stats.predicted is not None:  # statistics only: a selection waits for the GPU
             on = slot_values(part, part.positions)
             sums.set_predicted(part.slots[on], stats.predicted[on])

@@ -77,17 +77,13 @@ class SlotValues(NamedTuple):
 
 
 def finish(split: Tensor, z_y: Tensor, part: Part, alpha: float, softmax: SoftmaxOptions, loss: Tensor,
-           z_part: Optional[Tensor], weights: Optional[Tensor], out: Optional[Tensor] = None) -> Optional[SlotValues]:
+           z_part: Optional[Tensor], weights: Optional[Tensor]) -> Optional[SlotValues]:
     """Split statistics ``split`` (4, S, P) and label logits ``z_y`` (P,) of ``part``'s slots → α × each
     scored position's loss term added into ``loss`` (B·N,) fp32 (its z-loss term into ``z_part``
-    when given); with ``weights`` (B, N) also the gradient pass's ``SlotValues``, in ``out`` (4, P)
-    fp32 when given."""
+    when given); with ``weights`` (B, N) also the gradient pass's ``SlotValues``."""
     eps, zeta = float(softmax.label_smoothing), float(softmax.z_loss)
     S, P = split.shape[1], split.shape[2]
-    if weights is None:
-        values = None
-    else:
-        values = out if out is not None else torch.empty(4, P, dtype=torch.float32, device=split.device)
+    values = torch.empty(4, P, dtype=torch.float32, device=split.device) if weights is not None else None
     lse, size, coef, pscale = values if values is not None else (loss,) * 4
     block = 32 if interpreting() else 1024
     _finish_kernel[(triton.cdiv(P, block),)](
