@@ -14,6 +14,8 @@ process also writes the SMILE loss of the initial model computed on its logits b
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -125,7 +127,13 @@ def main() -> None:
     if rank == 0:
         torch.save({**result, "losses": losses, "parameters": parameters}, args.out)
     if distributed:
+        dist.barrier()  # no rank leaves while another still needs it
         dist.destroy_process_group()
+        # The interpreter's teardown of the engines' native threads (DeepSpeed's, gloo's) once aborted a
+        # finished run ("terminate called without an active exception"): the work is done, leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,19 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _native_abort(stderr: str) -> bool:
+    """A rank killed by std::terminate in a native thread (DeepSpeed's or gloo's), not by a Python error:
+    the run is tried once more, and what it computes is still checked."""
+    return "terminate called without an active exception" in stderr and "Traceback" not in stderr.split(
+        "terminate called")[0]
+
+
 def _run(mode: str, out: Path, launcher: list[str], *flags: str, env: Optional[dict] = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    done = subprocess.run([*launcher, "-m", "tests.hf.distributed_steps", "--mode", mode, "--out", str(out), *flags],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    command = [*launcher, "-m", "tests.hf.distributed_steps", "--mode", mode, "--out", str(out), *flags]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and _native_abort(done.stderr):  # once, in CI: a rank aborted in native code
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out)
 
