@@ -1,4 +1,5 @@
-"""compute_loss_func with transformers.Trainer: gradient accumulation equals one big batch."""
+"""compute_loss_func with transformers.Trainer: gradient accumulation equals one big batch. A patched
+model under a Trainer that would compute its own label-smoothed loss instead is refused."""
 from __future__ import annotations
 
 import pytest
@@ -21,15 +22,19 @@ def _rows(n=8, seed=0):
     return datasets.Dataset.from_dict({"input_ids": x.tolist(), "labels": labels.tolist()})
 
 
+def _args(output_dir, batch_size=8, accumulation=1, **extra):
+    return transformers.TrainingArguments(
+        output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
+        max_grad_norm=0.0, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        dataloader_drop_last=True, **extra)
+
+
 def _one_sgd_step(tmp_path, batch_size, accumulation, objective):
     torch.manual_seed(0)
     model = gpt2()
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / f"{batch_size}x{accumulation}"), max_steps=1, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
-        max_grad_norm=0.0, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-        dataloader_drop_last=True)
+    args = _args(tmp_path / f"{batch_size}x{accumulation}", batch_size, accumulation)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_rows(),
                                    compute_loss_func=seqloss.hf.compute_loss_func(objective))
     trainer.train()
@@ -58,3 +63,17 @@ def test_compute_loss_func_is_the_functional_call():
 def test_compute_loss_func_checks_its_objective_early():
     with pytest.raises(ValueError, match="objective"):
         seqloss.hf.compute_loss_func("nope")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_trainers_label_smoothing_would_bypass_a_patched_model_and_is_refused(tmp_path, fused):
+    model = seqloss.hf.patch(gpt2(), "smile", fused=fused)
+    smoothed = transformers.Trainer(model=model, args=_args(tmp_path / "smoothed", label_smoothing_factor=0.1),
+                                    train_dataset=_rows())
+    with pytest.raises(ValueError, match="label_smoothing_factor=0 and pass label_smoothing="):
+        smoothed.train()
+    # the objective's own smoothing, and the Trainer's when a compute_loss_func computes the loss, train
+    seqloss.hf.patch(model, "smile", fused=fused, label_smoothing=0.1)
+    transformers.Trainer(model=model, args=_args(tmp_path / "patched"), train_dataset=_rows()).train()
+    transformers.Trainer(model=model, args=_args(tmp_path / "function", label_smoothing_factor=0.1),
+                         train_dataset=_rows(), compute_loss_func=seqloss.hf.compute_loss_func("smile")).train()

@@ -23,10 +23,17 @@ _LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
 SOFTCAP = "final_logit_softcapping"
 
 
+def _softcap_config(model: Any) -> Any:
+    """The config that holds the model's logit soft-cap: its own (Gemma 2/3), or its text model's
+    (``config.get_text_config()``: PaliGemma, Gemma 3n/4 for conditional generation), or None."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", lambda: None)()
+    return next((c for c in (config, text) if getattr(c, SOFTCAP, None) is not None), None)
+
+
 def logit_softcap(model: Any) -> Any:
     """The model's own logit soft-cap c (logits = c·tanh(z / c) after the head), or None."""
-    config = getattr(model, "config", None)
-    return getattr(config, SOFTCAP, None)
+    return getattr(_softcap_config(model), SOFTCAP, None)
 
 
 def check_own_softcap(model: Any, options: dict[str, Any]) -> None:
@@ -49,15 +56,16 @@ def fused_loss_options(options: dict[str, Any], model: Any = None) -> dict[str, 
 def logits_uncapped(model: Any) -> Iterator[None]:
     """Switch the model's own logit soft-cap off for the length of a call (a model without one is
     left as it is), so that the hidden states a bypassed head passes through are not capped."""
-    previous = logit_softcap(model)
-    if previous is None:
+    config = _softcap_config(model)
+    if config is None:
         yield
         return
-    setattr(model.config, SOFTCAP, None)
+    previous = getattr(config, SOFTCAP)
+    setattr(config, SOFTCAP, None)
     try:
         yield
     finally:
-        setattr(model.config, SOFTCAP, previous)
+        setattr(config, SOFTCAP, previous)
 
 
 def _calls_loss_function(cls: Any) -> bool:
@@ -93,8 +101,8 @@ def check_fusable(model: Any, family: str) -> None:
     if head is None:
         raise ValueError(f"fused=True needs a linear LM head; {name}.get_output_embeddings() is None")
     linear_head(head, f"{name}.get_output_embeddings()")  # refuses what it cannot reproduce exactly
-    for attribute in _LOGIT_TRANSFORMS:
-        value = getattr(model.config, attribute, None)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for attribute, value in ((a, getattr(c, a, None)) for a in _LOGIT_TRANSFORMS for c in (model.config, text)):
         if value not in (None, 1, 1.0):
             raise ValueError(f"fused=True cannot follow {name}: its config sets {attribute}={value}, which "
                              f"transforms the logits after the LM head (use fused=False)")

@@ -40,6 +40,34 @@ BYPASS = ("TRL's SFTTrainer computes its own loss (a fused log-probability head)
           "model.loss_function, so a patched model would train plain NLL under it: build the trainer with "
           "seqloss.hf.sft_trainer(objective, ..., model=..., args=..., train_dataset=...) instead")
 
+TRANSFORMED = ("fused=True cannot follow {name}: its forward changes the LM head's output before the loss (a "
+               "scale, a soft-cap or a vocabulary slice seqloss does not know), which the fused loss, computed "
+               "from the head's input, would miss; use fused=False")
+
+SMOOTHED = ("transformers.Trainer(label_smoothing_factor=...) takes the labels from the batch and trains its own "
+            "label-smoothed NLL on the logits, never the patched objective: set label_smoothing_factor=0 and pass "
+            "label_smoothing= to seqloss.hf.patch (it then spreads over the objective's support)")
+
+
+@torch.compiler.disable
+def check_not_bypassed(owner: Any) -> None:
+    """Called where a patched forward gets no labels: while training, whether the caller is a
+    ``transformers.Trainer`` that took them to compute a loss of its own (its label smoother); a
+    ``compute_loss_func`` the Trainer calls instead is the caller's choice. Refused with SMOOTHED."""
+    if not (getattr(owner, "training", False) and torch.is_grad_enabled()):
+        return
+    frame: Optional[types.FrameType] = sys._getframe(1)
+    for _ in range(32):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            return
+        if frame.f_code.co_name == "compute_loss":
+            trainer, labels = frame.f_locals.get("self"), frame.f_locals.get("labels")
+            if (labels is not None and getattr(trainer, "label_smoother", None) is not None
+                    and getattr(trainer, "compute_loss_func", None) is None):
+                raise ValueError(SMOOTHED)
+            return
+
 
 def check_loss_options(objective: Any, options: dict[str, Any], vocab_size: Optional[int] = None) -> None:
     """The objective and the options ``patch``, ``compute_loss_func`` and ``sft_trainer`` take:
@@ -114,6 +142,8 @@ def _causal_forward(original_of: Callable, objective: Any, options: dict[str, An
     def forward(model, *args, **kwargs):
         original = original_of(model)
         position_ids = kwargs.get("position_ids")
+        if kwargs.get("labels") is None:
+            check_not_bypassed(model)
         if kwargs.get("labels") is None or position_ids is None:
             return original(*args, **kwargs)
         # Set and put back through __dict__, as the fused forward does (torch.compile replays these).
@@ -127,10 +157,6 @@ def _causal_forward(original_of: Callable, objective: Any, options: dict[str, An
     return forward
 
 
-def _pass_through(hidden: Any) -> Any:
-    return hidden
-
-
 def _fused_causal_forward(model: Any, original_of: Callable, objective: Any, options: dict[str, Any]) -> Callable:
     """The model's forward with the LM head bypassed: its loss comes from the last hidden states and
     the head's weight (seen through PEFT wrappers, see ``heads.py``; the head is looked up at each call,
@@ -139,10 +165,12 @@ def _fused_causal_forward(model: Any, original_of: Callable, objective: Any, opt
     # A model that soft-caps its logits (Gemma 2/3) would cap the hidden states the bypassed head
     # passes through: its cap is switched off for the call and applied inside the fused loss instead.
     loss_options = fused_loss_options(options, model)
+    checked: list[bool] = []  # whether a head that computes the loss in its own call was followed once
 
     def forward(model, *args, labels=None, **kwargs):
         original = original_of(model)
         if labels is None:
+            check_not_bypassed(model)
             return original(*args, **kwargs)
         position_ids = kwargs.get("position_ids")
         head = model.get_output_embeddings()
@@ -150,7 +178,7 @@ def _fused_causal_forward(model: Any, original_of: Callable, objective: Any, opt
         # call: the loss is computed there (the hooks gather the weight, and see its gradient flow back).
         in_own_call = gathered_in_own_call(head)
         head_parts = None if in_own_call else linear_head(head, where)
-        computed: list[Tensor] = []
+        made: list[Tensor] = []  # what the head's call returned: the loss, or the hidden states passed through
 
         def loss_of(hidden_in, labels, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
                     cu_seq_lens_q=None):
@@ -163,21 +191,31 @@ def _fused_causal_forward(model: Any, original_of: Callable, objective: Any, opt
                                position_ids=packed_positions(position_ids, cu_seq_lens_q, targets), **loss_options)
 
         def in_head(hidden):  # the head's forward inside its own call: the loss, not logits
-            computed.append(loss_of(hidden, labels, kwargs.get("num_items_in_batch"),
-                                    shift_labels=kwargs.get("shift_labels"), cu_seq_lens_q=kwargs.get("cu_seq_lens_q")))
-            return computed[-1]
+            made.append(loss_of(hidden, labels, kwargs.get("num_items_in_batch"),
+                                shift_labels=kwargs.get("shift_labels"), cu_seq_lens_q=kwargs.get("cu_seq_lens_q")))
+            return made[-1]
+
+        def pass_through(hidden):
+            made.append(hidden)
+            return hidden
 
         def fused_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
                        shift_labels=None, cu_seq_lens_q=None, **_):
-            if in_own_call:
-                return computed[-1]  # the head's call made it (what the model did to its "logits" aside)
+            if in_own_call:  # the head's call made the loss; the gathering hooks may hand it on wrapped
+                if not checked and not torch.compiler.is_compiling():  # so compared by value, once
+                    if not (made and logits.shape == made[-1].shape and torch.equal(logits.detach(), made[-1].detach())):
+                        raise ValueError(TRANSFORMED.format(name=type(model).__name__))
+                    checked.append(True)
+                return made[-1]
+            if not made or logits is not made[-1]:  # the model changed its head's output before its loss
+                raise ValueError(TRANSFORMED.format(name=type(model).__name__))
             # the bypassed head passed its input through: "logits" are the hidden states
             return loss_of(logits, labels, num_items_in_batch, ignore_index, shift_labels, cu_seq_lens_q)
 
         # Instance attributes set and removed through __dict__ (what nn.Module's setattr does for
         # functions): torch.compile replays these; a `del module.attr` after a set it fails to replay.
         previous = model.__dict__.get("_loss_function")
-        head.__dict__["forward"] = in_head if in_own_call else _pass_through
+        head.__dict__["forward"] = in_head if in_own_call else pass_through
         model.__dict__["_loss_function"] = fused_loss   # what transformers' loss_function setter stores
         try:
             with logits_uncapped(model):
@@ -202,6 +240,7 @@ def _seq2seq_forward(model: Any, original_of: Callable, objective: Any, options:
     def forward(model, *args, labels=None, return_dict=None, **kwargs):
         original = original_of(model)
         if labels is None:
+            check_not_bypassed(model)
             return original(*args, return_dict=return_dict, **kwargs)
         if kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None:
             device = model.get_input_embeddings().weight.device
@@ -220,6 +259,8 @@ def _blip_decoder_forward(decoder: Any, original_of: Callable, objective: Any, o
     def forward(decoder, *args, labels=None, reduction="mean", **kwargs):
         original = original_of(decoder)
         if labels is None or kwargs.get("return_logits"):
+            if labels is None:
+                check_not_bypassed(decoder)
             return original(*args, labels=labels, reduction=reduction, **kwargs)
         shift_labels = kwargs.pop("shift_labels", None)
         out = original(*args, labels=None, **kwargs)
