@@ -47,7 +47,9 @@ def wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
         from torch.distributed.fsdp import fully_shard
         for block in model.transformer.h:
             fully_shard(block)
-        if mode != "fsdp":  # the head a unit of its own, its weight resharded after its forward or kept
+        if mode == "fsdp_group":  # tied: the embeddings and the head one group (torch's advice for shared weights)
+            fully_shard([model.transformer.wte, model.lm_head])
+        elif mode != "fsdp":  # the head a unit of its own, its weight resharded after its forward or kept
             fully_shard(model.lm_head, reshard_after_forward=mode == "fsdp_head")
         fully_shard(model)
         return model
@@ -89,7 +91,7 @@ def zero3_steps(model: torch.nn.Module, data: dict[str, torch.Tensor], rank: int
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["single", "fsdp", "fsdp_head", "fsdp_head_kept", "ddp", "zero3"],
+    parser.add_argument("--mode", choices=["single", "fsdp", "fsdp_head", "fsdp_head_kept", "fsdp_group", "ddp", "zero3"],
                         required=True)
     parser.add_argument("--untied", action="store_true", help="a head of its own, not the input embeddings")
     parser.add_argument("--logits", action="store_true", help="patch with fused=False (the loss on the logits)")

@@ -69,6 +69,11 @@ def test_fsdp2_with_the_head_a_unit_of_its_own_resharded_after_forward(single_un
     _check_same_steps(single_untied, _run("fsdp_head", tmp_path / "two.pt", _torchrun("29543"), "--untied"))
 
 
+def test_fsdp2_with_a_tied_head_in_one_group_with_the_embeddings(single, tmp_path):
+    # fully_shard([wte, lm_head]): the group's hooks gather the shared weight around the head's call too.
+    _check_same_steps(single, _run("fsdp_group", tmp_path / "two.pt", _torchrun("29547")))
+
+
 @pytest.mark.slow
 def test_fsdp2_with_the_head_a_unit_of_its_own_kept_after_forward(single_untied, tmp_path):
     _check_same_steps(single_untied, _run("fsdp_head_kept", tmp_path / "two.pt", _torchrun("29544"), "--untied"))

@@ -139,9 +139,13 @@ def gathered_in_own_call(module: Any) -> bool:
 
 
 def _gathering_hook(hook: Any) -> bool:
-    """FSDP2's hooks (methods of its state) or DeepSpeed ZeRO-3's (functions of its modules)."""
-    if type(getattr(hook, "__self__", None)).__name__ == "FSDPState":
-        return True
+    """FSDP2's hooks (methods of its state, wrapped for a group of modules sharded together) or
+    DeepSpeed ZeRO-3's (functions of its modules)."""
+    wrapped = hook
+    while wrapped is not None:  # the group's wrapper, then FSDP's own decorators: one of them is bound
+        if type(getattr(wrapped, "__self__", None)).__name__ == "FSDPState":
+            return True
+        wrapped = getattr(wrapped, "__wrapped__", None)
     return str(getattr(hook, "__module__", "")).startswith("deepspeed.")
 
 
