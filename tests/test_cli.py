@@ -70,6 +70,16 @@ def test_debug_shows_the_traceback_instead(tmp_path):
     (["train", "--model", "/no/such/model"], "is not a Hugging Face model directory"),
     (["train", "--data", "/no/such/data"], "does not exist"),
     (["train", "--eval-fraction", "0.2"], "applies to your data"),
+    (["train", "--steps", "0"], "--steps: expected a whole number >= 1, got '0'"),
+    (["train", "--steps", "-3"], "--steps: expected a whole number >= 1"),
+    (["train", "--batch-size", "0"], "--batch-size: expected a whole number >= 1"),
+    (["train", "--images", "0"], "--images: expected a whole number >= 1"),
+    (["train", "--lr", "-1"], "--lr: expected a number > 0"),
+    (["train", "--lr", "nan"], "--lr: expected a number > 0"),
+    (["train", "--objective", "mle=0.5,mle=0.5"], "mle is weighted twice"),
+    (["compare", "--stage1-steps", "0"], "--stage1-steps: expected a whole number >= 1"),
+    (["compare", "--train-images", "0"], "--train-images: expected a whole number >= 1"),
+    (["compare", "--objectives", "smile=0.99,mle=0.01,smile=0.5"], "smile is weighted twice"),
 ])
 def test_user_errors_are_one_line_before_training(argv, tmp_path, capsys, match):
     _fails([*argv, "--out", str(tmp_path / "out")], capsys, match)

@@ -13,9 +13,9 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
-from .cli_options import add_data_options, add_decoding, add_objective_options
+from .cli_options import add_data_options, add_decoding, add_objective_options, count, rate
 from .workbench.settings import BENCH_SHAPES, CompareSettings  # plain data: nothing heavy is imported
 
 DESCRIPTION = """Train captioners with the right objective and see what the objective does.
@@ -228,10 +228,16 @@ def cmd_bench(args) -> None:
 
 # --- the parser ------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its usage errors on one line, as the commands' own errors are."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"seqloss: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     debug: dict[str, Any] = dict(action="store_true", help="show the traceback of an error instead of one line")
-    p = argparse.ArgumentParser(prog="seqloss", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="seqloss", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", **debug)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -247,10 +253,10 @@ def parser() -> argparse.ArgumentParser:
                         "'mle=0.01,smile=0.99' (default: %(default)s)")
     q.add_argument("--model", help="a local Hugging Face BLIP directory to start from (default: a new small BLIP)")
     q.add_argument("--out", required=True, help="output directory (checkpoints/ and model/)")
-    q.add_argument("--steps", type=int, default=400)
-    q.add_argument("--batch-size", type=int, default=32, help="per device")
-    q.add_argument("--lr", type=float, default=1e-3)
-    q.add_argument("--save-steps", type=int, default=100)
+    q.add_argument("--steps", type=count, default=400)
+    q.add_argument("--batch-size", type=count, default=32, help="per device")
+    q.add_argument("--lr", type=rate, default=1e-3)
+    q.add_argument("--save-steps", type=count, default=100)
     q.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     q.add_argument("--seed", type=int, default=0, help="model initialisation, data order and scenes")
     add_objective_options(q)
@@ -279,12 +285,12 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="runs/compare")
     q.add_argument("--objectives", default="mle;smile",
                    help="';'-separated objectives, e.g. 'mle;smile;mle=0.01,smile=0.99' (default: %(default)s)")
-    q.add_argument("--train-images", type=int, help="scenes generated for training " + default(
+    q.add_argument("--train-images", type=count, help="scenes generated for training " + default(
         defaults.train_images))
-    q.add_argument("--test-images", type=int, help="held-out scenes " + default(defaults.test_images))
-    q.add_argument("--stage1-steps", type=int, help="MLE steps from scratch, cached " + default(
+    q.add_argument("--test-images", type=count, help="held-out scenes " + default(defaults.test_images))
+    q.add_argument("--stage1-steps", type=count, help="MLE steps from scratch, cached " + default(
         defaults.stage1.steps))
-    q.add_argument("--stage2-steps", type=int, help="fine-tuning steps per objective " + default(
+    q.add_argument("--stage2-steps", type=count, help="fine-tuning steps per objective " + default(
         defaults.stage2_steps))
     q.add_argument("--seed", type=int, default=defaults.seed,
                    help="the captioner's initialisation, the data order and the scenes " + default(defaults.seed))
@@ -301,14 +307,14 @@ def parser() -> argparse.ArgumentParser:
 
     q = command("scenes", cmd_scenes, "write the scenes data set (images + metadata.jsonl + tokenizer)")
     q.add_argument("--out", required=True)
-    q.add_argument("--n", type=int, default=500)
+    q.add_argument("--n", type=count, default=500)
     q.add_argument("--seed", type=int, default=0)
 
     q = command("bench", cmd_bench, "forward+backward time of every objective on this machine")
     q.add_argument("--shape", choices=sorted(BENCH_SHAPES), default="small",
                    help="(B, N, V, H): " + "; ".join(f"{k} {v}" for k, v in BENCH_SHAPES.items())
                         + " (default: %(default)s)")
-    q.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default: %(default)s)")
+    q.add_argument("--repeats", type=count, default=5, help="interleaved rounds (default: %(default)s)")
     return p
 
 

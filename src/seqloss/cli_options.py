@@ -24,6 +24,29 @@ def fraction(text: str) -> float:
     return value
 
 
+def count(text: str) -> int:
+    """A number of steps, images, rows, ...: an integer >= 1 (Hugging Face reads max_steps <= 0 as
+    'train by epochs', and an empty data set fails far from the option that made it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def rate(text: str) -> float:
+    """A learning rate: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 
 
 def add_data_options(q: argparse.ArgumentParser, images: Optional[int]) -> None:
@@ -43,7 +66,7 @@ def add_data_options(q: argparse.ArgumentParser, images: Optional[int]) -> None:
                    help="skip bad entries of your data (missing images, empty captions, ...) and count them, "
                         "instead of stopping at the first")
     if images is not None:
-        g.add_argument("--images", type=int, default=images, help="scenes: how many to generate (default: %(default)s)")
+        g.add_argument("--images", type=count, default=images, help="scenes: how many to generate (default: %(default)s)")
 
 
 def add_objective_options(q: argparse.ArgumentParser) -> None:
@@ -56,7 +79,7 @@ def add_objective_options(q: argparse.ArgumentParser) -> None:
                         "reverse_subset; subset's exclude (the same ids for every caption)")
     g.add_argument("--include-ids", type=token_ids, nargs="+", metavar="IDS",
                    help="subset: the candidate ids of every caption (each position's label is always added)")
-    g.add_argument("--num-samples", type=int, metavar="K", help="random_subset: ids drawn per position (default: 10)")
+    g.add_argument("--num-samples", type=count, metavar="K", help="random_subset: ids drawn per position (default: 10)")
     g.add_argument("--first-token-mle", action=argparse.BooleanOptionalAction, default=None,
                    help="smile: score the first word over the whole vocabulary (default: on)")
     g.add_argument("--label-smoothing", type=float, metavar="EPS",
@@ -64,5 +87,5 @@ def add_objective_options(q: argparse.ArgumentParser) -> None:
 
 
 def add_decoding(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--beams", type=int, default=3, help="beam search width (default: %(default)s)")
+    q.add_argument("--beams", type=count, default=3, help="beam search width (default: %(default)s)")
     q.add_argument("--top-p", type=float, default=None, help="nucleus sampling instead of beam search")

@@ -90,7 +90,8 @@ def test_objectives_read_and_print_alike(text, objective):
 
 
 @pytest.mark.parametrize("bad, message", [("mle=x", "is not a number"), ("Mle-1=0.1", "expected NAME"),
-                                          ("smiel", "unknown objective 'smiel'"), ("mle=-1", "finite and >= 0")])
+                                          ("smiel", "unknown objective 'smiel'"), ("mle=-1", "finite and >= 0"),
+                                          ("mle=0.5,mle=0.5", "mle is weighted twice")])
 def test_unreadable_objectives_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         parse_objective(bad)

@@ -47,6 +47,8 @@ def parse_objective(text: str) -> Any:
             name, _, weight = part.partition("=")
             if not re.fullmatch(r"[a-z_]+", name.strip()):
                 raise ValueError(f"cannot read objective {text!r}: expected NAME or NAME=WEIGHT,NAME=WEIGHT")
+            if name.strip() in objective:
+                raise ValueError(f"cannot read objective {text!r}: {name.strip()} is weighted twice")
             try:
                 objective[name.strip()] = float(weight)
             except ValueError:
