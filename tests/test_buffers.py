@@ -6,6 +6,7 @@ import mmap
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import seqloss
 from seqloss import _buffers
@@ -212,3 +213,13 @@ def test_the_budget_comes_from_the_environment_and_is_checked(monkeypatch):
     for bad in (-1, 1.5, True, "1"):
         with pytest.raises(ValueError, match="nbytes"):
             seqloss.set_workspace_budget(bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), seed=st.integers(0, 2 ** 16),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_narrowing_in_place_equals_a_cast(shape, seed, dtype):
+    fp32 = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 300
+    out = _buffers.narrowed(fp32.clone(), dtype)
+    assert out.dtype == dtype and out.shape == fp32.shape
+    assert torch.equal(out, fp32.to(dtype))

@@ -161,13 +161,27 @@ def kept_workspace_bytes() -> int:
         return _POOL.kept_bytes()
 
 
+def narrowed(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` for a contiguous fp32 ``t`` and a 2-byte ``dtype``, written over ``t``'s own
+    memory: no second buffer of its size. In four chunks, each read before it is written, and each
+    written only over fp32 entries already read (chunk [s, s+c) lands on bytes [2s, 2s+2c), entries
+    [s/2, (s+c)/2) ⊂ [0, s+c)). The result is a view of that memory (it keeps all of it alive)."""
+    flat = t.reshape(-1)
+    out = flat.view(dtype)[:flat.numel()]
+    chunk = max(1, -(-flat.numel() // 4))
+    for start in range(0, flat.numel(), chunk):
+        out[start:start + chunk].copy_(flat[start:start + chunk].to(dtype))
+    return out.view(t.shape)
+
+
 @dataclass
 class Grads:
     """The fused head's accumulators of the three gradients (None where none is wanted).
 
-    ``dtype`` is the hidden and weight accumulators' (fp32 by default; the Triton engine accumulates
-    in bf16/fp16 unless asked for exact accumulation); the bias accumulates in fp32. The weight
-    gradient (V × H, the largest) is allocated by its first update, from ``zeros``.
+    The hidden gradient (positions × H) and the bias accumulate in fp32: each hidden row sums one
+    term per vocabulary tile (hundreds at 128k ids), which bf16 would round hundreds of times. ``dtype``
+    is the weight's (V × H, the largest: fp32 by default; the Triton engine accumulates it in bf16/fp16
+    unless asked for exact accumulation), allocated by its first update, from ``zeros``.
     """
 
     hidden: Optional[Tensor]
@@ -181,7 +195,7 @@ class Grads:
     def allocate(cls, positions: int, width: int, vocab_size: int, device: torch.device, want: bool,
                  need: tuple[bool, bool, bool], dtype: torch.dtype = torch.float32) -> Grads:
         """Zeroed accumulators for the gradients ``need`` asks for (hidden, weight, bias), if ``want``."""
-        return cls(zeros((positions, width), dtype, device) if want and need[0] else None,
+        return cls(zeros((positions, width), torch.float32, device) if want and need[0] else None,
                    zeros((vocab_size,), torch.float32, device) if want and need[2] else None, want and need[1],
                    (vocab_size, width), dtype=dtype)
 
@@ -238,10 +252,12 @@ class Grads:
     def results(self, inputs: Sequence[Optional[Tensor]]) -> GradTriple:
         """The (hidden, weight, bias) gradients, each in its input's dtype and shape (None where not
         computed). Not a view where the shapes agree: autograd adds a tied weight's other gradient in
-        place only into a tensor that is the sole user of its memory (else a third V × H buffer)."""
+        place only into a tensor that is the sole user of its memory (else a third V × H buffer). The
+        hidden gradient, which the layers below consume at once, is narrowed in its own memory."""
         computed = (self.hidden, self.weight if self.want_weight else None, self.bias)
         out = [None if g is None or x is None else (g if g.shape == x.shape else g.view_as(x)).to(x.dtype)
-               for g, x in zip(computed, inputs)]
+               if i or x.element_size() != 2 else narrowed(g, x.dtype).view_as(x)
+               for i, (g, x) in enumerate(zip(computed, inputs))]
         return out[0], out[1], out[2]
 
 
