@@ -254,11 +254,15 @@ class Grads:
         computed). Not a view where the shapes agree: autograd adds a tied weight's other gradient in
         place only into a tensor that is the sole user of its memory (else a third V × H buffer). The
         hidden gradient, which the layers below consume at once, is narrowed in its own memory."""
-        computed = (self.hidden, self.weight if self.want_weight else None, self.bias)
-        out = [None if g is None or x is None else (g if g.shape == x.shape else g.view_as(x)).to(x.dtype)
-               if i or x.element_size() != 2 else narrowed(g, x.dtype).view_as(x)
-               for i, (g, x) in enumerate(zip(computed, inputs))]
-        return out[0], out[1], out[2]
+        def result(g: Optional[Tensor], x: Optional[Tensor], in_place: bool) -> Optional[Tensor]:
+            if g is None or x is None:
+                return None
+            if in_place and x.element_size() == 2:
+                return narrowed(g, x.dtype).view_as(x)
+            return (g if g.shape == x.shape else g.view_as(x)).to(x.dtype)
+
+        return (result(self.hidden, inputs[0], True), result(self.weight if self.want_weight else None, inputs[1], False),
+                result(self.bias, inputs[2], False))
 
 
 GradTriple = tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]

@@ -3,7 +3,7 @@ from them): the data a command reads, the objective's options, decoding."""
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+from typing import Any, Callable, Optional
 
 
 def token_ids(text: str) -> list[int]:
@@ -14,39 +14,30 @@ def token_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected token ids (integers), got {text!r}") from None
 
 
-def fraction(text: str) -> float:
+def _number(text: str, convert: Callable[[str], Any], accept: Callable[[Any], bool], expected: str) -> Any:
+    """``convert(text)`` if it reads and ``accept`` takes it, else argparse's error naming ``expected``."""
     try:
-        value = float(text)
+        value = convert(text)
     except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+        value = None
+    if value is None or not accept(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def fraction(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def count(text: str) -> int:
     """A number of steps, images, rows, ...: an integer >= 1 (Hugging Face reads max_steps <= 0 as
     'train by epochs', and an empty data set fails far from the option that made it)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "a whole number >= 1")
 
 
 def rate(text: str) -> float:
     """A learning rate: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a number > 0")
 
 
 def add_data_options(q: argparse.ArgumentParser, images: Optional[int]) -> None:

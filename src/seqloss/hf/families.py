@@ -23,12 +23,16 @@ _LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
 SOFTCAP = "final_logit_softcapping"
 
 
-def _softcap_config(model: Any) -> Any:
-    """The config that holds the model's logit soft-cap: its own (Gemma 2/3), or its text model's
-    (``config.get_text_config()``: PaliGemma, Gemma 3n/4 for conditional generation), or None."""
+def _configs(model: Any) -> tuple[Any, Any]:
+    """The model's config and its text model's (``config.get_text_config()``: PaliGemma, Gemma 3n/4 for
+    conditional generation keep the head's settings there; a text model's is its own config)."""
     config = getattr(model, "config", None)
-    text = getattr(config, "get_text_config", lambda: None)()
-    return next((c for c in (config, text) if getattr(c, SOFTCAP, None) is not None), None)
+    return config, getattr(config, "get_text_config", lambda: None)()
+
+
+def _softcap_config(model: Any) -> Any:
+    """The config that holds the model's logit soft-cap (see ``_configs``), or None."""
+    return next((c for c in _configs(model) if getattr(c, SOFTCAP, None) is not None), None)
 
 
 def logit_softcap(model: Any) -> Any:
@@ -101,8 +105,7 @@ def check_fusable(model: Any, family: str) -> None:
     if head is None:
         raise ValueError(f"fused=True needs a linear LM head; {name}.get_output_embeddings() is None")
     linear_head(head, f"{name}.get_output_embeddings()")  # refuses what it cannot reproduce exactly
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for attribute, value in ((a, getattr(c, a, None)) for a in _LOGIT_TRANSFORMS for c in (model.config, text)):
+    for attribute, value in ((a, getattr(c, a, None)) for a in _LOGIT_TRANSFORMS for c in _configs(model)):
         if value not in (None, 1, 1.0):
             raise ValueError(f"fused=True cannot follow {name}: its config sets {attribute}={value}, which "
                              f"transforms the logits after the LM head (use fused=False)")
